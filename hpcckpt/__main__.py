@@ -1,0 +1,3 @@
+from hpcckpt.cli.main import main
+
+raise SystemExit(main())
