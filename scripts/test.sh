@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up this machine (as root) and run every check the project has:
+# lint, type check, then the whole test suite against real CRIU, a real Slurm
+# cluster, real OpenMPI and a real PostgreSQL server that the tests start.
+#
+# Usage: sudo scripts/test.sh [extra pytest args]
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+bash scripts/setup.sh
+VENV=${HPCCKPT_VENV:-$REPO/.venv}
+echo "[test] ruff" >&2
+"$VENV/bin/ruff" check hpcckpt tests benchmarks
+echo "[test] mypy" >&2
+"$VENV/bin/mypy"
+echo "[test] pytest" >&2
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
