@@ -1,0 +1,322 @@
+"""Reading images: the record grammar, checked record by record, into a summary.
+
+:func:`walk` is the one parser; ``verify_image`` runs it with a sink that
+discards data and ``unpack_image`` with one that writes files. Every chunk is
+decompressed and its content hash checked in both cases, so "verify passed"
+means "unpack would get exactly the bytes that were packed".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, cast
+
+import xxhash
+
+from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError, UnsupportedImageError
+from hpcckpt.image import format as F
+from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.model import (
+    FieldError,
+    ImageMeta,
+    ImageSummary,
+    OpenFile,
+    SectionInfo,
+    TaskInfo,
+    files_from_json,
+    meta_from_json,
+    tasks_from_json,
+)
+from hpcckpt.image.names import SectionNameError, check_name
+from hpcckpt.image.records import Readable, Record, RecordReader
+
+_READ_BUFFER = 1 << 20
+
+
+class Sink(Protocol):
+    """Receives a verified image's content, in order."""
+
+    def begin(self, info: SectionInfo, mtime_ns: int) -> None: ...
+    def data(self, offset: int, raw: bytes | memoryview) -> None: ...
+    def end(self) -> None: ...
+
+
+class NullSink:
+    def begin(self, info: SectionInfo, mtime_ns: int) -> None:
+        pass
+
+    def data(self, offset: int, raw: bytes | memoryview) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@contextmanager
+def open_source(src: Path | str | BinaryIO) -> Iterator[tuple[Readable, str]]:
+    """(stream, name for messages) for a path or an already open binary stream."""
+    if isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        try:
+            f = open(name, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed below
+        except FileNotFoundError as exc:
+            raise UnreadableImageError(f"{name}: no such image file", hint="check the path") from exc
+        except IsADirectoryError as exc:
+            raise UnreadableImageError(f"{name}: is a directory, not an image file") from exc
+        except OSError as exc:
+            raise UnreadableImageError(
+                f"{name}: cannot open: {exc.strerror}", hint="check the file's permissions"
+            ) from exc
+        try:
+            yield cast(Readable, f), name
+        finally:
+            f.close()
+    else:
+        sname = getattr(src, "name", None)
+        stream = cast(Readable, src) if hasattr(src, "readinto") else _ReadAdapter(src)
+        yield stream, sname if isinstance(sname, str) else "<stream>"
+
+
+class _ReadAdapter:
+    """readinto() for streams that only have read() (typing.BinaryIO promises no more)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+
+    def readinto(self, buf: memoryview, /) -> int:
+        data = self._src.read(buf.nbytes)
+        buf[: len(data)] = data
+        return len(data)
+
+
+def _json_payload(r: RecordReader, rec: Record, data: memoryview) -> Any:
+    if data.nbytes > F.MAX_JSON:
+        raise r.corrupt(f"JSON of {data.nbytes} bytes exceeds {F.MAX_JSON}", rec=rec)
+    try:
+        return json.loads(bytes(data).decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError) as exc:
+        raise r.corrupt(f"malformed JSON: {exc}", rec=rec) from exc
+
+
+def _parse_header(r: RecordReader, rec: Record) -> tuple[ImageMeta, dict[str, Any]]:
+    if rec.rtype != F.T_HEADER or rec.index != 0:
+        raise r.corrupt("the first record must be the image header", rec=rec)
+    p = rec.payload
+    if p.nbytes < F.HEADER_FIXED.size:
+        raise r.corrupt(f"header payload of {p.nbytes} bytes is too short", rec=rec)
+    flags, json_len, created = F.HEADER_FIXED.unpack(p[: F.HEADER_FIXED.size])
+    if json_len != p.nbytes - F.HEADER_FIXED.size:
+        raise r.corrupt(f"header JSON length {json_len} disagrees with the record length", rec=rec)
+    doc = _json_payload(r, rec, p[F.HEADER_FIXED.size :])
+    if not isinstance(doc, dict) or not isinstance(doc.get("system"), dict):
+        raise r.corrupt("header JSON lacks its 'system' object", rec=rec)
+    try:
+        meta = meta_from_json(doc.get("meta"))
+    except FieldError as exc:
+        raise r.corrupt(f"header metadata: {exc}", rec=rec) from exc
+    system = {k: v for k, v in doc["system"].items() if isinstance(v, (str, int, float))}
+    header = {
+        "format_version": f"{r.version[0]}.{r.version[1]}",
+        "flags": flags,
+        "created": created,
+        **{k: system.get(k, "") for k in ("arch", "kernel_release", "kernel_version", "machine", "hostname")},
+    }
+    return meta, header
+
+
+class _Walker:
+    def __init__(self, r: RecordReader, sink: Sink) -> None:
+        self.r = r
+        self.sink = sink
+        self.tasks: list[TaskInfo] = []
+        self.files: list[OpenFile] = []
+        self.sections: list[SectionInfo] = []
+        self.errors: list[str] = []
+        self.names: set[str] = set()
+        self.dirs: set[str] = set()  # every directory a name implies, declared or not
+        self.body = False  # past the task and file lists
+        self.cur: SectionInfo | None = None
+        self.offset = 0
+        self.chunks = 0
+
+    def record(self, rec: Record) -> None:
+        t = rec.rtype
+        if t == F.T_HEADER:
+            raise self.r.corrupt("second image header", rec=rec)
+        if t in (F.T_TASKS, F.T_FILES):
+            if self.body:
+                raise self.r.corrupt(f"{rec.name} record after the first section", rec=rec)
+            doc = _json_payload(self.r, rec, rec.payload)
+            try:
+                if t == F.T_TASKS:
+                    self.tasks.extend(tasks_from_json(doc))
+                else:
+                    self.files.extend(files_from_json(doc))
+            except FieldError as exc:
+                raise self.r.corrupt(str(exc), rec=rec) from exc
+            return
+        self.body = True
+        if t == F.T_SECTION_BEGIN:
+            self.begin(rec)
+        elif t == F.T_CHUNK:
+            self.chunk(rec)
+        elif t == F.T_CHUNK_REF:
+            raise UnsupportedImageError(
+                f"{self.r.path}: offset {rec.offset}, record {rec.index}: incremental image "
+                "(chunk references to a parent image) are not readable by this hpcckpt",
+                hint="upgrade hpcckpt",
+            )
+        elif t == F.T_SECTION_END:
+            self.end(rec)
+        elif t == F.T_ERROR:
+            if self.cur is not None:
+                raise self.r.corrupt("error record inside a section", rec=rec)
+            self.errors.append(_parse_error(self.r, rec))
+
+    def begin(self, rec: Record) -> None:
+        if self.cur is not None:
+            raise self.r.corrupt(f"section {len(self.sections)} begins before section {self.cur.name!r} ends",
+                                 rec=rec)
+        p = rec.payload
+        if p.nbytes < F.SECTION_BEGIN.size:
+            raise self.r.corrupt("section header too short", rec=rec)
+        num, kind, codec, reserved, mode, size, mtime_ns, name_len = F.SECTION_BEGIN.unpack(
+            p[: F.SECTION_BEGIN.size]
+        )
+        if num != len(self.sections) or num >= F.MAX_SECTIONS:
+            raise self.r.corrupt(f"section number {num}, expected {len(self.sections)}", rec=rec)
+        if kind not in F.KIND_NAMES or codec not in F.CODEC_NAMES or reserved:
+            raise self.r.corrupt(f"section kind {kind} / codec {codec} / reserved {reserved} invalid", rec=rec)
+        if name_len != p.nbytes - F.SECTION_BEGIN.size:
+            raise self.r.corrupt(f"section name length {name_len} disagrees with the record length", rec=rec)
+        if kind == F.K_DIR and size:
+            raise self.r.corrupt("a directory section with a size", rec=rec)
+        try:
+            name = check_name(bytes(p[F.SECTION_BEGIN.size :]))
+        except SectionNameError as exc:
+            raise UnsafeImageError(
+                f"{self.r.path}: offset {rec.offset}, record {rec.index} (section_begin): {exc}",
+                hint="this image tries to write outside its directory; do not use it",
+            ) from exc
+        self._claim(name, kind, rec)
+        self.cur = SectionInfo(
+            name=name, mode=mode, size=size, stored=0, codec=F.CODEC_NAMES[codec],
+            kind=F.KIND_NAMES[kind], chunks=0,
+        )
+        self.offset = 0
+        self.chunks = 0
+        self.sink.begin(self.cur, mtime_ns)
+
+    def _claim(self, name: str, kind: int, rec: Record) -> None:
+        # A name used twice, or a file where another name needs a directory, would
+        # make unpack overwrite or fail halfway: refuse such images up front.
+        parents = name.split("/")[:-1]
+        for i in range(len(parents)):
+            d = "/".join(parents[: i + 1])
+            if d in self.names and d not in self.dirs:
+                raise self.r.corrupt(f"section {name!r} lies under the file section {d!r}", rec=rec)
+        if name in self.names or (kind == F.K_FILE and name in self.dirs):
+            raise self.r.corrupt(f"section name {name!r} used twice", rec=rec)
+        self.names.add(name)
+        self.dirs.update("/".join(parents[: i + 1]) for i in range(len(parents)))
+        if kind == F.K_DIR:
+            self.dirs.add(name)
+
+    def chunk(self, rec: Record) -> None:
+        cur = self.cur
+        if cur is None:
+            raise self.r.corrupt("chunk outside a section", rec=rec)
+        p = rec.payload
+        if p.nbytes < F.CHUNK.size:
+            raise self.r.corrupt("chunk record too short", rec=rec)
+        num, codec, r1, r2, offset, raw_len, digest = F.CHUNK.unpack(p[: F.CHUNK.size])
+        if num != len(self.sections) or r1 or r2 or codec not in F.CODEC_NAMES:
+            raise self.r.corrupt(f"chunk header invalid (section {num}, codec {codec})", rec=rec)
+        if cur.kind != "file":
+            raise self.r.corrupt("chunk in a directory section", rec=rec)
+        if offset != self.offset:
+            raise self.r.corrupt(f"chunk at section offset {offset}, expected {self.offset}", rec=rec)
+        if not 0 < raw_len <= F.MAX_CHUNK or offset + raw_len > cur.size:
+            raise self.r.corrupt(f"chunk of {raw_len} bytes at {offset} does not fit section size {cur.size}",
+                                 rec=rec)
+        stored = p[F.CHUNK.size :]
+        try:
+            raw = decompress(codec, stored, raw_len)
+        except CodecError as exc:
+            raise self.r.corrupt(str(exc), rec=rec) from exc
+        if xxhash.xxh3_128_digest(raw) != digest:
+            raise self.r.corrupt("chunk content hash mismatch after decoding", rec=rec)
+        self.sink.data(offset, raw)
+        self.offset += raw_len
+        self.chunks += 1
+        cur.stored += stored.nbytes
+
+    def end(self, rec: Record) -> None:
+        cur = self.cur
+        if cur is None:
+            raise self.r.corrupt("section end without a section", rec=rec)
+        if rec.payload.nbytes != F.SECTION_END.size:
+            raise self.r.corrupt("section end record has the wrong length", rec=rec)
+        num, chunks, size = F.SECTION_END.unpack(rec.payload)
+        if num != len(self.sections) or chunks != self.chunks or size != cur.size or self.offset != cur.size:
+            raise self.r.corrupt(
+                f"section {cur.name!r} ends with {self.chunks} chunks / {self.offset} bytes, "
+                f"its records say {chunks} chunks / {size} bytes (declared {cur.size})", rec=rec,
+            )
+        cur.chunks = chunks
+        self.sink.end()
+        self.sections.append(cur)
+        self.cur = None
+
+
+def _parse_error(r: RecordReader, rec: Record) -> str:
+    p = bytes(rec.payload)
+    if len(p) > F.MAX_ERROR or not p.startswith(b"\0") or p.count(b"\0") < 2:
+        raise r.corrupt("malformed error record", rec=rec)
+    msg, _, detail = p[1:].partition(b"\0")
+    text = msg.decode("utf-8", "replace")
+    if detail:
+        text += "\n" + detail.decode("utf-8", "replace")
+    return text
+
+
+def walk(src: Path | str | BinaryIO, sink: Sink) -> ImageSummary:
+    """Parse and check a whole image, feeding its content to ``sink``."""
+    with open_source(src) as (stream, name):
+        r = RecordReader(stream, name)
+        r.read_preamble()
+        records = iter(r)
+        first = next(records, None)
+        if first is None:
+            raise CorruptImageError("no image header before the trailer", path=name, offset=F.PREAMBLE.size)
+        meta, header = _parse_header(r, first)
+        w = _Walker(r, sink)
+        for rec in records:
+            w.record(rec)
+        if w.cur is not None:
+            raise CorruptImageError(
+                f"trailer inside section {w.cur.name!r}", path=name, offset=r.offset, record=r.records - 1,
+                rtype="trailer",
+            )
+    return ImageSummary(
+        meta=meta, header=header, tasks=w.tasks, files=w.files, sections=w.sections, errors=w.errors,
+        records=r.records, length=r.length, digest=r.digest,
+    )
+
+
+def verify_image(src: Path | str | BinaryIO) -> ImageSummary:
+    """Check every byte of an image; raises Corrupt/Unsupported/Unreadable/UnsafeImageError."""
+    return walk(src, NullSink())
+
+
+def read_header(src: Path | str) -> ImageMeta:
+    """Only the preamble and header record: cheap, for listing many images."""
+    with open_source(src) as (stream, name):
+        r = RecordReader(stream, name)
+        r.read_preamble()
+        meta, _ = _parse_header(r, r.next_record())
+        return meta
