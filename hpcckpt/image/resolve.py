@@ -1,0 +1,92 @@
+"""IMAGE|CKPTID arguments: a path as given, or a checkpoint id looked up in the catalog.
+
+The lookup is passed in as a function so that this logic is tested without
+a catalog; :func:`catalog_lookup` is the real one the CLI uses.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcckpt.context import User, resolve_catalog_url, resolve_store_root
+from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError, UnreadableImageError
+
+
+@dataclass(frozen=True)
+class CkptRef:
+    """What resolution needs from a catalog record."""
+
+    ckptid: int
+    uid: int
+    path: str
+    status: str
+
+
+Lookup = Callable[[int], "CkptRef | None"]
+
+
+def resolve_image(arg: str, user: User, lookup: Lookup | None) -> Path:
+    """The image file ``arg`` names. Existing paths win over checkpoint ids."""
+    if os.path.lexists(arg) or not arg.isdigit():
+        if not os.path.lexists(arg):
+            raise UnreadableImageError(f"{arg}: no such image file", hint="give an image path or a checkpoint id")
+        return Path(arg)
+    if lookup is None:
+        raise CatalogError(f"{arg}: no such file, and no catalog to look up checkpoint {arg} in")
+    ckptid = int(arg)
+    ref = lookup(ckptid)
+    if ref is None:
+        raise NotFoundError(f"checkpoint {ckptid} is not in the catalog", hint="see 'hpcckpt list'")
+    if not user.is_root and ref.uid != user.uid:
+        raise PermissionDeniedError(f"checkpoint {ckptid} belongs to uid {ref.uid}, not to you ({user.uid})")
+    if ref.status == "deleted":
+        raise NotFoundError(f"checkpoint {ckptid} was deleted")
+    if not ref.path:
+        raise NotFoundError(f"checkpoint {ckptid} has no image yet (status {ref.status})")
+    path = Path(ref.path)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UnreadableImageError(f"{path} (checkpoint {ckptid}): {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        # the store never makes links; one there was planted, and root must not follow it
+        raise UnreadableImageError(f"{path} (checkpoint {ckptid}) is a symlink; refusing to follow it")
+    return path
+
+
+def _policy_storage(policy_file: str | None) -> tuple[str | None, str | None]:
+    """(storage.root, storage.catalog) from the policy, when the policy module is there."""
+    try:
+        from hpcckpt.policy import load_policy
+    except ImportError:
+        return None, None
+    pol = load_policy(user_file=Path(policy_file) if policy_file else None)
+    return pol.storage.root, pol.storage.catalog
+
+
+def catalog_lookup(user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> Lookup:
+    """A lookup through the real catalog, opened on first use (plain paths never open it)."""
+    state: dict[str, Any] = {}
+
+    def lookup(ckptid: int) -> CkptRef | None:
+        if "cat" not in state:
+            try:
+                from hpcckpt.catalog import open_catalog
+            except ImportError as exc:
+                raise CatalogError(f"the catalog is not available: {exc}") from exc
+            pol_root, pol_cat = (None, None) if store and catalog else _policy_storage(policy_file)
+            state["cat"] = open_catalog(
+                resolve_catalog_url(catalog, pol_cat), resolve_store_root(store, pol_root), user
+            )
+        rec = state["cat"].get(ckptid)
+        if rec is None:
+            return None
+        status = getattr(rec.status, "value", rec.status)
+        return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "", status=str(status))
+
+    return lookup
