@@ -1,0 +1,334 @@
+"""The catalog's interface and the queries both backends share.
+
+A backend provides only transactions (``_write``/``_read``: run a function
+with a cursor inside one transaction, retrying when the database is busy) and
+its schema. Everything a caller sees is written once here, so SQLite and
+PostgreSQL answer the same questions with the same SQL.
+
+Visibility: a catalog acts for one ``User``. A non-root user sees and changes
+only rows with their uid (a shared PostgreSQL catalog relies on this until
+row-level security lands); root sees and changes every row.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from hpcckpt.catalog.model import COLUMNS, CkptRecord, Status
+from hpcckpt.context import User
+from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError
+
+T = TypeVar("T")
+Cursor = Any  # a DB-API cursor: sqlite3.Cursor or psycopg.Cursor
+
+_COLS = ", ".join(f'"{c}"' for c in COLUMNS)
+_INSERT_COLS = tuple(c for c in COLUMNS if c != "ckptid")
+
+
+class Catalog(ABC):
+    """Checkpoint rows for one store. Thread-safe; one instance per process is enough."""
+
+    backend: str = ""
+    #: DB-API placeholder of the backend; the shared SQL is written with '?'.
+    placeholder: str = "?"
+    #: Row lock for read-modify-write inside a write transaction (PostgreSQL needs it).
+    for_update: str = ""
+
+    def __init__(self, user: User, *, clock: Callable[[], float] = time.time) -> None:
+        self.user = user
+        self._clock = clock
+
+    # -- backend primitives -------------------------------------------------
+
+    @abstractmethod
+    def _write(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn`` in one write transaction, retrying the whole of it while busy."""
+
+    @abstractmethod
+    def _read(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn`` in one read-only, consistent snapshot."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the catalog lives, for messages (path or URL without password)."""
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    # -- visibility ---------------------------------------------------------
+
+    def _scope(self, uid: int | None) -> int | None:
+        """The uid filter a query runs with: root may ask for anyone (None = all)."""
+        if self.user.is_root:
+            return uid
+        if uid is not None and uid != self.user.uid:
+            raise PermissionDeniedError(
+                f"user {self.user.name} may not see checkpoints of uid {uid}",
+                hint="only root can act on other users' checkpoints",
+            )
+        return self.user.uid
+
+    def _check_owner(self, ckptid: int, owner_uid: int) -> None:
+        if not self.user.is_root and owner_uid != self.user.uid:
+            raise PermissionDeniedError(
+                f"checkpoint {ckptid} belongs to uid {owner_uid}, not to {self.user.name}",
+                hint="only the job's owner or root may act on it",
+            )
+
+    def _locked_row(self, cur: Cursor, ckptid: int) -> tuple[int, Status]:
+        cur.execute(self._sql(f"SELECT uid, status FROM checkpoints WHERE ckptid = ?{self.for_update}"), (ckptid,))
+        row = cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"no checkpoint {ckptid} in catalog {self.location}")
+        self._check_owner(ckptid, int(row[0]))
+        return int(row[0]), Status(row[1])
+
+    # -- writes -------------------------------------------------------------
+
+    def begin(
+        self,
+        *,
+        job_id: str,
+        uid: int,
+        user: str,
+        node: str,
+        engine: str,
+        path: str = "",
+        step: str | None = None,
+        array_job_id: str | None = None,
+        array_task_id: str | None = None,
+        parent: int | None = None,
+        requeue_count: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Add a row in state ``writing`` and return its new, unique, positive ckptid."""
+        if not job_id:
+            raise CatalogError("begin: empty job id")
+        self._scope(uid)
+        rec = CkptRecord(
+            ckptid=0,
+            job_id=str(job_id),
+            step=step,
+            array_job_id=array_job_id,
+            array_task_id=array_task_id,
+            uid=uid,
+            user=user,
+            node=node,
+            path=path,
+            engine=engine,
+            status=Status.WRITING,
+            parent=parent,
+            created=self._clock(),
+            requeue_count=requeue_count,
+            meta=dict(meta or {}),
+        )
+        values = dict(zip(COLUMNS, rec.to_row(), strict=True))
+        cols = ", ".join(f'"{c}"' for c in _INSERT_COLS)
+        marks = ", ".join("?" for _ in _INSERT_COLS)
+        sql = self._sql(f"INSERT INTO checkpoints ({cols}) VALUES ({marks}) RETURNING ckptid")
+
+        def tx(cur: Cursor) -> int:
+            cur.execute(sql, tuple(values[c] for c in _INSERT_COLS))
+            return int(cur.fetchone()[0])
+
+        return self._write(tx)
+
+    def commit(self, ckptid: int, *, path: str, size_bytes: int, duration: float) -> None:
+        """Mark a ``writing`` row committed. Call only once the image is durable at ``path``."""
+        now = self._clock()
+
+        def tx(cur: Cursor) -> None:
+            _, status = self._locked_row(cur, ckptid)
+            if status is not Status.WRITING:
+                raise CatalogError(
+                    f"checkpoint {ckptid} is {status.value}, cannot commit it",
+                    hint="gc may have declared its writer dead; take a new checkpoint",
+                )
+            cur.execute(
+                self._sql(
+                    "UPDATE checkpoints SET status = ?, path = ?, size_bytes = ?, finished = ?, duration = ? "
+                    "WHERE ckptid = ?"
+                ),
+                (Status.COMMITTED.value, path, int(size_bytes), now, float(duration), ckptid),
+            )
+
+        self._write(tx)
+
+    def fail(self, ckptid: int, error: str) -> None:
+        """Mark a row failed (its writer failed, or its image was found bad). Deleted rows stay deleted."""
+        now = self._clock()
+
+        def tx(cur: Cursor) -> None:
+            _, status = self._locked_row(cur, ckptid)
+            if status is Status.DELETED:
+                return
+            cur.execute(
+                self._sql(
+                    "UPDATE checkpoints SET status = ?, error = ?, finished = COALESCE(finished, ?) "
+                    "WHERE ckptid = ?"
+                ),
+                (Status.FAILED.value, error, now, ckptid),
+            )
+
+        self._write(tx)
+
+    def mark_deleted(self, ckptid: int) -> None:
+        def tx(cur: Cursor) -> None:
+            self._locked_row(cur, ckptid)
+            cur.execute(
+                self._sql("UPDATE checkpoints SET status = ? WHERE ckptid = ?"),
+                (Status.DELETED.value, ckptid),
+            )
+
+        self._write(tx)
+
+    def record_resume(self, ckptid: int, *, resumed_by: str, new_job_id: str | None = None) -> None:
+        """Lineage: which job resumed from this image, and the job a resume submitted, if any."""
+
+        def tx(cur: Cursor) -> None:
+            self._locked_row(cur, ckptid)
+            cur.execute(
+                self._sql("UPDATE checkpoints SET resumed_by = ?, new_job_id = ? WHERE ckptid = ?"),
+                (resumed_by, new_job_id, ckptid),
+            )
+
+        self._write(tx)
+
+    def record_job_event(self, job_id: str, *, uid: int, event: str, detail: str = "", node: str = "") -> None:
+        """A job-level event (end state, requeue, node failure) from the epilog or the runner."""
+        self._scope(uid)
+        now = self._clock()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                self._sql("INSERT INTO job_events (job_id, uid, event, detail, node, ts) VALUES (?, ?, ?, ?, ?, ?)"),
+                (str(job_id), uid, event, detail, node, now),
+            )
+
+        self._write(tx)
+
+    def insert_records(self, records: Iterable[CkptRecord]) -> int:
+        """Insert rows with their own ckptids (rebuild, import); existing ckptids are skipped.
+
+        Returns how many rows were new. The ckptid counter moves past the
+        largest inserted id, so later ``begin`` calls never reuse one.
+        """
+        batch = list(records)
+        for rec in batch:
+            if rec.ckptid <= 0:
+                raise CatalogError(f"insert_records: ckptid must be positive, got {rec.ckptid}")
+            self._scope(rec.uid)
+        if not batch:
+            return 0
+        marks = ", ".join("?" for _ in COLUMNS)
+        sql = self._sql(f"INSERT INTO checkpoints ({_COLS}) VALUES ({marks}) ON CONFLICT (ckptid) DO NOTHING")
+
+        def tx(cur: Cursor) -> int:
+            cur.execute("SELECT count(*) FROM checkpoints")
+            before = int(cur.fetchone()[0])
+            cur.executemany(sql, [r.to_row() for r in batch])
+            self._after_explicit_ids(cur)
+            cur.execute("SELECT count(*) FROM checkpoints")
+            return int(cur.fetchone()[0]) - before
+
+        return self._write(tx)
+
+    def _after_explicit_ids(self, cur: Cursor) -> None:  # noqa: B027 - optional hook
+        """Backends whose id counter ignores explicit ids move it forward here."""
+
+    # -- reads --------------------------------------------------------------
+
+    def _select(self, where: str, params: tuple[Any, ...], order: str, limit: int | None = None) -> list[CkptRecord]:
+        sql = f"SELECT {_COLS} FROM checkpoints WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        sql = self._sql(sql)
+
+        def tx(cur: Cursor) -> list[CkptRecord]:
+            cur.execute(sql, params)
+            return [CkptRecord.from_row(tuple(r)) for r in cur.fetchall()]
+
+        return self._read(tx)
+
+    @staticmethod
+    def _uid_clause(uid: int | None) -> tuple[str, tuple[Any, ...]]:
+        return ("", ()) if uid is None else (" AND uid = ?", (uid,))
+
+    def get(self, ckptid: int) -> CkptRecord | None:
+        rows = self._select("ckptid = ?", (int(ckptid),), "ckptid")
+        if not rows:
+            return None
+        self._check_owner(ckptid, rows[0].uid)
+        return rows[0]
+
+    def latest(self, job_id: str, *, uid: int | None = None) -> CkptRecord | None:
+        """The newest committed image of the job: the one a resume takes."""
+        scope = self._scope(uid)
+        extra, params = self._uid_clause(scope)
+        rows = self._select(
+            f"job_id = ? AND status = ?{extra}",
+            (str(job_id), Status.COMMITTED.value, *params),
+            "ckptid DESC",
+            limit=1,
+        )
+        return rows[0] if rows else None
+
+    def committed(self, job_id: str, *, uid: int | None = None) -> list[CkptRecord]:
+        """The job's committed images, newest first."""
+        scope = self._scope(uid)
+        extra, params = self._uid_clause(scope)
+        return self._select(
+            f"job_id = ? AND status = ?{extra}",
+            (str(job_id), Status.COMMITTED.value, *params),
+            "ckptid DESC",
+        )
+
+    def list(
+        self, job_id: str | None = None, *, uid: int | None = None, include_deleted: bool = False
+    ) -> list[CkptRecord]:
+        """Rows in ckptid (that is, creation) order."""
+        scope = self._scope(uid)
+        clauses: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if job_id is not None:
+            clauses.append("job_id = ?")
+            params.append(str(job_id))
+        if scope is not None:
+            clauses.append("uid = ?")
+            params.append(scope)
+        if not include_deleted:
+            clauses.append("status <> ?")
+            params.append(Status.DELETED.value)
+        return self._select(" AND ".join(clauses), tuple(params), "ckptid")
+
+    def job_events(self, job_id: str, *, uid: int | None = None) -> builtins.list[dict[str, Any]]:
+        scope = self._scope(uid)
+        extra, params = self._uid_clause(scope)
+        sql = self._sql(
+            f"SELECT id, job_id, uid, event, detail, node, ts FROM job_events WHERE job_id = ?{extra} ORDER BY id"
+        )
+
+        def tx(cur: Cursor) -> builtins.list[dict[str, Any]]:
+            cur.execute(sql, (str(job_id), *params))
+            keys = ("id", "job_id", "uid", "event", "detail", "node", "ts")
+            return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
+
+        return self._read(tx)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "location": self.location, "user": self.user.name}
+
