@@ -1,17 +1,71 @@
-"""`hpcckpt slurm` (not yet implemented)."""
+"""`hpcckpt slurm`: the Slurm hooks' entry points, and what Slurm tells this job."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from hpcckpt.errors import UsageError
+from hpcckpt.cli.common import add_json_arg, formatter, print_json
+
+DESCRIPTION = """\
+Entry points for Slurm's hooks. slurm.conf runs the scripts in plugins/slurm/,
+which call these as root; see docs/slurm.md.
+
+  prolog        on each node before the job: create its store and staging dirs
+                (owned by the job's user), save its sbatch settings for
+                'hpcckpt resume --submit', check the node can checkpoint and
+                drain it if not (only with policy slurm.drain_on_failed_check)
+  epilog        on each node after the job: commit an image its runner had fully
+                written, abort a partial one, clean staging, log the end
+  ctld-epilog   on the controller after the job: requeue it or adjust Slurm's
+                requeue (backoff, ExcNodeList) by policy failure.*
+  env           print what Slurm tells this job (SLURM_* variables, parsed)
+
+The hooks always exit 0: a failing hook would make Slurm drain the node.
+
+examples:
+  # slurm.conf
+  Prolog=/usr/share/hpcckpt/slurm/prolog
+  # by hand, to see what a hook would do for job 4242 on node1
+  SLURM_JOB_ID=4242 SLURM_JOB_UID=1000 SLURMD_NODENAME=node1 hpcckpt slurm epilog
+  hpcckpt slurm env --json
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("slurm", help="(not yet implemented)")
-    p.set_defaults(func=run)
+    p = sub.add_parser("slurm", help="Slurm hook entry points (Prolog, Epilog, EpilogSlurmctld)",
+                       description=DESCRIPTION, formatter_class=formatter())
+    hooks = p.add_subparsers(dest="hook", metavar="HOOK", required=True)
+    for name, helptext in (
+        ("prolog", "node Prolog: prepare dirs, save job settings, check the node"),
+        ("epilog", "node Epilog: salvage or abort a publish in flight, clean staging"),
+        ("ctld-epilog", "EpilogSlurmctld: restart decision by policy"),
+    ):
+        h = hooks.add_parser(name, help=helptext, description=helptext + ". Reads the SLURM_* environment.")
+        h.set_defaults(func=run_hook)
+    e = hooks.add_parser("env", help="print the parsed SLURM_* environment",
+                         description="Print what Slurm tells this job, parsed (SLURM_JOB_ID must be set).")
+    add_json_arg(e)
+    e.set_defaults(func=run_env)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise UsageError("'hpcckpt slurm' is not implemented yet")
+def run_hook(args: argparse.Namespace) -> int:
+    from hpcckpt.slurm import hooks
+    from hpcckpt.slurm.env import from_environ
+
+    env = from_environ()
+    fn = {"prolog": hooks.prolog, "epilog": hooks.epilog, "ctld-epilog": hooks.ctld_epilog}[args.hook]
+    return fn(env)
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from hpcckpt.slurm.env import from_environ
+
+    env = from_environ()
+    if args.json:
+        print_json(env.to_dict())
+    else:
+        for key, value in env.to_dict().items():
+            if key != "recorded" and value not in (None, ""):
+                print(f"{key}: {value}")
+    return 0

@@ -68,6 +68,10 @@ class SlurmAdapter(Protocol):
 
     def batch_script(self, job_id: str) -> str: ...
 
+    def node_state(self, node: str) -> str: ...
+
+    def hostnames(self, expr: str) -> list[str]: ...
+
 
 class ScontrolAdapter:
     """The real Slurm, through its client commands. Honors ``$SLURM_CONF``."""
@@ -148,3 +152,21 @@ class ScontrolAdapter:
 
     def batch_script(self, job_id: str) -> str:
         return self._run(["scontrol", "write", "batch_script", check_job_id(job_id), "-"])
+
+    def node_state(self, node: str) -> str:
+        """The node's State, e.g. ``IDLE``, ``DOWN*+DRAIN``, ``ALLOCATED``."""
+        if not _NODE_RE.match(node):
+            raise SlurmError(f"{node!r} is not a node name")
+        out = self._run(["scontrol", "-o", "show", "node", node])
+        for rec in parse_show_job(out):
+            if rec.get("NodeName") == node:
+                return rec.get("State", "")
+        raise NotFoundError(f"Slurm does not know node {node}")
+
+    def hostnames(self, expr: str) -> list[str]:
+        """Expand a Slurm hostlist (``node[1-3]``) into names."""
+        if not _NODE_RE.match(expr):
+            raise SlurmError(f"{expr!r} is not a node list")
+        if "[" not in expr:
+            return [n for n in expr.split(",") if n]
+        return self._run(["scontrol", "show", "hostnames", expr]).split()
