@@ -54,9 +54,7 @@ def unknown_key_message(path: str) -> str:
 def _check_value(fld: Field, raw: Any, *, from_text: bool, layer: str) -> Any:
     value = fld.kind.check(raw, from_text=from_text)
     if layer != LAYER_SITE and fld.user_check is not None:
-        problem = fld.user_check(value)
-        if problem:
-            raise Invalid("", raw, suffix=problem)
+        fld.user_check(value)
     return value
 
 
@@ -97,6 +95,8 @@ def layer_from_tree(tree: YNode, *, layer: str, file: str, diags: list[Diagnosti
 def _walk(node: YNode, path: str, kloc: Loc, out: Layer, diags: list[Diagnostic]) -> None:
     fld = FIELDS.get(path)
     if fld is not None:
+        if node.has_broken():
+            return
         if fld.site_only and out.name != LAYER_SITE:
             diags.append(Diagnostic(kloc, f"{path} can only be set in the site policy"))
             return

@@ -18,6 +18,7 @@ from hpcckpt.policy.kinds import (
     EnumKind,
     FloatKind,
     IntKind,
+    Invalid,
     Kind,
     PathKind,
     SignalListKind,
@@ -64,20 +65,21 @@ class Field:
     default: Any
     doc: str
     site_only: bool = False  # only the site policy may set it
-    # Extra check for values from the user or command-line layers: returns a
-    # problem text, or None when the value is acceptable.
-    user_check: Callable[[Any], str | None] | None = None
+    # Extra check for values from the user or command-line layers: raises
+    # Invalid (with the offending item as ``got``) when the value is refused.
+    user_check: Callable[[Any], None] | None = None
 
 
-def _criu_user_args(args: list[str]) -> str | None:
+def _criu_user_args(args: list[str]) -> None:
     for arg in args:
         name = arg.split("=", 1)[0]
         if name not in CRIU_USER_OPTIONS:
-            return (
-                f"'{name}' is not allowed in a user policy (CRIU may run with root's privileges); "
-                f"allowed: {', '.join(sorted(CRIU_USER_OPTIONS))}. Ask your site to set it in the site policy"
+            raise Invalid(
+                "",
+                arg,
+                suffix=f"'{name}' is not allowed in a user policy (CRIU may run with root's privileges); "
+                f"allowed: {', '.join(sorted(CRIU_USER_OPTIONS))}. Ask your site to set it in the site policy",
             )
-    return None
 
 
 _FIELDS: tuple[Field, ...] = (
@@ -126,7 +128,7 @@ _FIELDS: tuple[Field, ...] = (
     Field("criu.file_locks", BoolKind(), True, "checkpoint file locks (flock, fcntl)"),
     Field("criu.link_remap", BoolKind(), False, "allow open files that were unlinked"),
     Field("criu.extra_args", ArgListKind(expected_text="a list of CRIU options such as ['--shell-job']"), [],
-          "more CRIU options, each as one '--opt=value' item", user_check=lambda v: _criu_user_args(v)),
+          "more CRIU options, each as one '--opt=value' item", user_check=_criu_user_args),
     Field("restore.grown_files", EnumKind(choices=("truncate", "keep", "refuse")), "truncate",
           "a file the job writes grew since the checkpoint: truncate it back, keep it, or refuse"),
     Field("pipeline.async_flush", BoolKind(), True, "let the job run on while the image is flushed"),

@@ -42,6 +42,12 @@ class YNode:
     value: Any = None  # the Python value, for scalars
     items: list[YNode] = field(default_factory=list)  # for sequences
     entries: list[tuple[str, Loc, YNode]] = field(default_factory=list)  # for mappings: key, key loc, value
+    broken: bool = False  # a scalar YAML could not construct; already reported
+
+    def has_broken(self) -> bool:
+        return self.broken or any(n.has_broken() for n in self.items) or any(
+            n.has_broken() for _, _, n in self.entries
+        )
 
     def get(self, key: str) -> tuple[Loc, YNode] | None:
         for name, kloc, node in self.entries:
@@ -182,7 +188,7 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, file: str, layer: str, di
             value = loader.construct_object(node, deep=True)
         except yaml.YAMLError as err:
             diags.append(Diagnostic(loc, f"cannot use this YAML value: {getattr(err, 'problem', err)}"))
-            value = None
+            return YNode(SCALAR, loc, broken=True)
         return YNode(SCALAR, loc, value=value)
     if isinstance(node, yaml.SequenceNode):
         return YNode(SEQ, loc, items=[_convert(loader, n, file, layer, diags) for n in node.value])
