@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcckpt import Checkpointer
-from hpcckpt.errors import EXIT_REQUEUE
+from hpcckpt.errors import EXIT_REQUEUE, HpcckptError
 
 ALPHA = 0.25  # diffusion number; below 0.5 the explicit scheme is stable
 
@@ -99,4 +99,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except HpcckptError as err:
+        # Every rank raises the same error (the protocol agrees on outcomes);
+        # rank 0 reports it.
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            sys.stderr.write(f"mpi_integrate: {err.render()}\n")
+        sys.exit(err.exit_code)
