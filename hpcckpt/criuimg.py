@@ -590,7 +590,8 @@ def check_credentials(images_dir: Path, uid: int, gid: int, groups: Iterable[int
     """
     allowed_gids = {gid, *groups}
     creds = scan_credentials(images_dir)
-    for cred in creds:
+    # Report the most telling mismatch first: the process uid, then other uids.
+    for cred in sorted(creds, key=lambda c: (c.kind not in UID_KINDS, c.kind not in ("uid", "gid"), c)):
         if cred.kind in INFO_KINDS:
             continue
         if cred.kind in UID_KINDS:
