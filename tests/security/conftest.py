@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.users import TEST_USERS, TestUser, ensure_user, unreachable_path_component, venv_bin
+from tests.security.users import TEST_USERS, UnixUser, ensure_user, unreachable_path_component, venv_bin
 
 CRIU = Path(os.environ.get("HPCCKPT_CRIU", "/usr/local/sbin/criu"))
 
 
 @pytest.fixture(scope="session")
-def users() -> dict[str, TestUser]:
+def users() -> dict[str, UnixUser]:
     """``alice`` and ``bob``, created if missing; skips when that is impossible."""
     if os.geteuid() != 0:
         pytest.skip("multi-user tests run as root (they create users and act as them)")
@@ -33,12 +33,12 @@ def users() -> dict[str, TestUser]:
 
 
 @pytest.fixture
-def alice(users: dict[str, TestUser]) -> TestUser:
+def alice(users: dict[str, UnixUser]) -> UnixUser:
     return users["alice"]
 
 
 @pytest.fixture
-def bob(users: dict[str, TestUser]) -> TestUser:
+def bob(users: dict[str, UnixUser]) -> UnixUser:
     return users["bob"]
 
 
@@ -61,7 +61,7 @@ def _criu_usable() -> bool:
     return CRIU.is_file() and os.access(CRIU, os.X_OK)
 
 
-def criu_dump_as(user: TestUser, dest: Path) -> Path:
+def criu_dump_as(user: UnixUser, dest: Path) -> Path:
     """Start ``sleep`` as ``user`` in its own session, dump it with criu --unprivileged as ``user``.
 
     Returns ``dest`` (a 0700 dir owned by the user, holding the CRIU images).
@@ -73,8 +73,13 @@ def criu_dump_as(user: TestUser, dest: Path) -> Path:
     os.chown(dest, user.uid, user.gid)
     from tests.security.users import as_user_argv
 
+    # no_new_privs: this machine's capability bounding set lacks
+    # CAP_SYS_RESOURCE, and CRIU's restorer must then drop it from the
+    # restored task's bounding set, which needs CAP_SETPCAP, which an
+    # unprivileged restore does not have. With no_new_privs recorded in the
+    # image CRIU lets the bit stay (it can never be gained back anyway).
     proc = subprocess.Popen(
-        as_user_argv(user, ["setsid", "sleep", "600"]),
+        as_user_argv(user, ["setpriv", "--no-new-privs", "setsid", "sleep", "600"]),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -114,6 +119,6 @@ def criu_dump_as(user: TestUser, dest: Path) -> Path:
 
 
 @pytest.fixture
-def alice_dump(alice: TestUser, shared_tmp: Path) -> Path:
+def alice_dump(alice: UnixUser, shared_tmp: Path) -> Path:
     """A real CRIU dump of a process that ran as alice."""
     return criu_dump_as(alice, shared_tmp / "alice-dump")

@@ -28,7 +28,7 @@ TEST_USERS = ("alice", "bob")
 
 
 @dataclass(frozen=True)
-class TestUser:
+class UnixUser:
     name: str
     uid: int
     gid: int
@@ -55,7 +55,7 @@ def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def ensure_user(name: str) -> TestUser:
+def ensure_user(name: str) -> UnixUser:
     """Create ``name`` with a home dir if missing; return its identity."""
     try:
         pw = pwd.getpwnam(name)
@@ -74,10 +74,10 @@ def ensure_user(name: str) -> TestUser:
     if not home.is_dir():  # an account left over without its home
         home.mkdir(mode=0o700, parents=True)
         os.chown(home, pw.pw_uid, pw.pw_gid)
-    return TestUser(pw.pw_name, pw.pw_uid, pw.pw_gid, home)
+    return UnixUser(pw.pw_name, pw.pw_uid, pw.pw_gid, home)
 
 
-def unreachable_path_component(path: Path, user: TestUser) -> Path | None:
+def unreachable_path_component(path: Path, user: UnixUser) -> Path | None:
     """The first directory on ``path`` that ``user`` cannot search, or None.
 
     The test users run the venv's ``hpcckpt`` straight from the repository,
@@ -101,7 +101,7 @@ def unreachable_path_component(path: Path, user: TestUser) -> Path | None:
     return None
 
 
-def as_user_argv(user: TestUser, argv: Sequence[str]) -> list[str]:
+def as_user_argv(user: UnixUser, argv: Sequence[str]) -> list[str]:
     """``argv`` wrapped to run with ``user``'s uid, gid and groups."""
     setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
     return [
@@ -117,7 +117,7 @@ def as_user_argv(user: TestUser, argv: Sequence[str]) -> list[str]:
 
 
 def run_as(
-    user: TestUser,
+    user: UnixUser,
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
@@ -139,7 +139,7 @@ def run_as(
 
 
 def hpcckpt_as(
-    user: TestUser,
+    user: UnixUser,
     args: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
