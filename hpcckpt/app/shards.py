@@ -145,7 +145,7 @@ def staging_dir(base: str | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _capture_files(files: Sequence[str | os.PathLike[str]], dest: Path) -> None:
+def capture_files(files: Sequence[str | os.PathLike[str]], dest: Path) -> None:
     index: list[dict[str, Any]] = []
     (dest / FILES_DIR).mkdir(mode=0o700)
     for i, name in enumerate(files):
@@ -185,7 +185,7 @@ def write_shard(
     """
     with staging_dir(staging) as stage:
         state_codec.write_file(state, stage / STATE_FILE)
-        _capture_files(files, stage)
+        capture_files(files, stage)
         tmp = fsutil.temp_name(final_name)
         dir_fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -258,10 +258,10 @@ def load_shard(path: Path, ref: ShardRef, size: int, dest: Path) -> tuple[Any, l
             path=where,
         )
     value = state_codec.read_file(dest / STATE_FILE)
-    return value, _read_files_index(dest, where)
+    return value, read_files_index(dest, where)
 
 
-def _read_files_index(dest: Path, where: str) -> list[CapturedFile]:
+def read_files_index(dest: Path, where: str) -> list[CapturedFile]:
     try:
         index = json.loads((dest / FILES_INDEX).read_bytes())
     except (OSError, ValueError) as err:
