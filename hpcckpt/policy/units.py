@@ -11,6 +11,7 @@ that. Both give whole numbers (seconds, bytes), rounded down.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -25,12 +26,12 @@ def parse_duration(text: str) -> int:
     """Seconds in ``text``; raises ValueError when it is not a duration."""
     s = text.strip().lower()
     if _PLAIN_NUMBER.fullmatch(s):
-        return int(float(s))
+        return int(Fraction(s))
     if not _DURATION_FULL.fullmatch(s):
         raise ValueError(text)
-    total = 0.0
+    total = Fraction(0)
     for number, unit in _DURATION_PART.findall(s):
-        total += float(number) * _DURATION_UNITS[unit]
+        total += Fraction(number) * _DURATION_UNITS[unit]
     return int(total)
 
 
@@ -45,7 +46,8 @@ def parse_size(text: str) -> int:
         raise ValueError(text)
     # "GB" is decimal; "G", "GiB" (and "Gi") are binary.
     base = 1000 if (byte and not binary and prefix) else 1024
-    return int(float(number) * base ** _SIZE_POWER[prefix])
+    # Fraction, not float: byte counts above 2**53 must stay exact.
+    return int(Fraction(number) * base ** _SIZE_POWER[prefix])
 
 
 def format_duration(seconds: int) -> str:
