@@ -1,0 +1,170 @@
+"""PostgreSQL row-level security, proved with the real psql client run as alice and bob.
+
+Each test user connects as themself over the Unix socket (peer auth): what
+they can see and change is what the server enforces, whatever SQL they type.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcckpt import pg_security
+from hpcckpt.context import User
+from hpcckpt.errors import CatalogError
+from tests.security import pgpeer
+from tests.security.users import UnixUser, run_as
+
+pytestmark = [pytest.mark.postgres, pytest.mark.multiuser]
+
+ROOT = User("root", 0, 0, "/root")
+
+
+@pytest.fixture(scope="module")
+def server(users: dict[str, UnixUser]) -> Iterator[pgpeer.PeerServer]:
+    base = Path(tempfile.mkdtemp(prefix="hpcckpt-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        srv = pgpeer.start(base / "pg")
+    except FileNotFoundError as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(str(exc))
+    try:
+        pgpeer.superuser_sql(srv, f"CREATE ROLE {pg_security.ADMIN_ROLE} LOGIN CREATEROLE")
+        pgpeer.superuser_sql(srv, f"CREATE DATABASE {pgpeer.DATABASE} OWNER {pg_security.ADMIN_ROLE}")
+        _setup_catalog(srv, users)
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _setup_catalog(srv: pgpeer.PeerServer, users: dict[str, UnixUser]) -> None:
+    """As root (peer-mapped to the admin role): let the catalog create its tables, apply RLS, add rows."""
+    import psycopg
+
+    from hpcckpt.catalog.postgres import PostgresCatalog
+
+    cat = PostgresCatalog(srv.url(pg_security.ADMIN_ROLE), ROOT)
+    try:
+        for name in ("alice", "bob"):
+            u = users[name]
+            for job in ("100", "200"):
+                ckptid = cat.begin(job_id=f"{name}-{job}", uid=u.uid, user=name, node="node1", engine="criu")
+                cat.commit(ckptid, path=f"/store/{name}/{job}/ckpt-{ckptid}.hck", size_bytes=10, duration=1.0)
+            cat.record_job_event(f"{name}-100", uid=u.uid, event="epilog", detail="ok", node="node1")
+    finally:
+        cat.close()
+    with psycopg.connect(srv.url(pg_security.ADMIN_ROLE), autocommit=True) as conn:
+        pg_security.apply_rls(conn)
+        pg_security.apply_rls(conn)  # idempotent: a second run changes nothing and does not fail
+        for name in ("alice", "bob"):
+            pg_security.add_user(conn, name, users[name].uid)
+
+
+def psql(srv: pgpeer.PeerServer, user: UnixUser, sql: str, role: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_as(user, srv.psql_argv(role or user.name, sql), cwd=Path("/"))
+
+
+def ok(res: subprocess.CompletedProcess[str]) -> list[str]:
+    assert res.returncode == 0, res.stderr
+    return [line for line in res.stdout.splitlines() if line]
+
+
+def test_each_user_sees_only_their_rows(server: pgpeer.PeerServer, alice: UnixUser, bob: UnixUser) -> None:
+    assert ok(psql(server, alice, "SELECT DISTINCT uid FROM checkpoints")) == [str(alice.uid)]
+    assert ok(psql(server, alice, "SELECT count(*) FROM checkpoints")) == ["2"]
+    assert ok(psql(server, bob, "SELECT DISTINCT \"user\" FROM checkpoints")) == ["bob"]
+    assert ok(psql(server, alice, "SELECT count(*) FROM job_events WHERE uid <> " + str(alice.uid))) == ["0"]
+    assert ok(psql(server, alice, "SELECT count(*) FROM checkpoints WHERE job_id LIKE 'bob-%'")) == ["0"]
+
+
+def test_nobody_changes_or_deletes_another_users_rows(server: pgpeer.PeerServer, alice: UnixUser) -> None:
+    assert ok(psql(server, alice, "UPDATE checkpoints SET status = 'deleted' WHERE \"user\" = 'bob' RETURNING 1")) == []
+    assert ok(psql(server, alice, "DELETE FROM checkpoints WHERE \"user\" = 'bob' RETURNING 1")) == []
+    assert ok(psql(server, alice, "DELETE FROM job_events WHERE uid <> 0 AND job_id LIKE 'bob%' RETURNING 1")) == []
+
+
+def test_rows_cannot_be_written_in_another_users_name(
+    server: pgpeer.PeerServer, alice: UnixUser, bob: UnixUser
+) -> None:
+    cols = "(job_id, uid, \"user\", engine, status, created)"
+    res = psql(server, alice, f"INSERT INTO checkpoints {cols} VALUES ('x', {bob.uid}, 'bob', 'criu', 'writing', 0)")
+    assert res.returncode != 0 and "row-level security" in res.stderr
+    res = psql(server, alice, f"INSERT INTO checkpoints {cols} VALUES ('x', {alice.uid}, 'bob', 'criu', 'writing', 0)")
+    assert res.returncode != 0 and "row-level security" in res.stderr
+    res = psql(server, alice, f"UPDATE checkpoints SET uid = {bob.uid}")
+    assert res.returncode != 0 and "row-level security" in res.stderr
+    res = psql(server, alice, f"INSERT INTO job_events (job_id, uid, event, ts) VALUES ('x', {bob.uid}, 'e', 0)")
+    assert res.returncode != 0 and "row-level security" in res.stderr
+
+
+def test_own_rows_can_be_written_and_stay_private(server: pgpeer.PeerServer, alice: UnixUser, bob: UnixUser) -> None:
+    cols = "(job_id, uid, \"user\", engine, status, created)"
+    ids = ok(psql(server, alice, f"INSERT INTO checkpoints {cols} VALUES ('alice-own', {alice.uid}, 'alice', "
+                                 "'criu', 'writing', 0) RETURNING ckptid"))
+    assert len(ids) == 1 and int(ids[0]) > 0
+    assert ok(psql(server, bob, f"SELECT count(*) FROM checkpoints WHERE ckptid = {ids[0]}")) == ["0"]
+    assert ok(psql(server, alice, f"DELETE FROM checkpoints WHERE ckptid = {ids[0]} RETURNING 1")) == ["1"]
+
+
+def test_ckptids_cannot_be_claimed_ahead(server: pgpeer.PeerServer, alice: UnixUser) -> None:
+    res = psql(server, alice, f"INSERT INTO checkpoints (ckptid, job_id, uid, \"user\", engine, status, created) "
+                              f"VALUES (999999, 'x', {alice.uid}, 'alice', 'criu', 'writing', 0)")
+    assert res.returncode != 0 and "permission denied" in res.stderr
+
+
+def test_identity_cannot_be_switched_inside_a_session(server: pgpeer.PeerServer, alice: UnixUser) -> None:
+    res = psql(server, alice, "SET ROLE bob")
+    assert res.returncode != 0 and "permission denied" in res.stderr
+    res = psql(server, alice, "SET SESSION AUTHORIZATION bob")
+    assert res.returncode != 0 and "permission denied" in res.stderr
+    res = psql(server, alice, f"SET ROLE {pg_security.USERS_ROLE}; SELECT count(*) FROM checkpoints")
+    assert ok(res) == ["2"], "the group role must not widen what alice sees"
+    res = psql(server, alice, "SELECT * FROM hpcckpt_user_map")
+    assert res.returncode != 0 and "permission denied" in res.stderr
+    res = psql(server, alice, "CREATE TABLE public.hpcckpt_user_map2 (role name, uid bigint)")
+    assert res.returncode != 0 and "permission denied" in res.stderr
+
+
+def test_cannot_log_in_as_someone_else(server: pgpeer.PeerServer, alice: UnixUser) -> None:
+    for role in ("bob", pg_security.ADMIN_ROLE, "postgres"):
+        res = psql(server, alice, "SELECT 1", role=role)
+        assert res.returncode != 0 and "authentication failed" in res.stderr, (role, res.stderr)
+
+
+def test_admin_sees_every_row(server: pgpeer.PeerServer) -> None:
+    import psycopg
+
+    with psycopg.connect(server.url(pg_security.ADMIN_ROLE)) as conn:
+        (n,) = conn.execute("SELECT count(DISTINCT uid) FROM checkpoints").fetchone()  # type: ignore[misc]
+    assert n == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PostgresCatalog._migrate runs CREATE TABLE IF NOT EXISTS as the user, which a non-owner role may not "
+    "do; it must read schema_version first and migrate only when behind (reported to the catalog owner)",
+)
+def test_hpcckpt_catalog_as_alice_lists_only_hers(server: pgpeer.PeerServer, alice: UnixUser) -> None:
+    code = (
+        "import json,sys; from hpcckpt.catalog.postgres import PostgresCatalog; from hpcckpt.context import "
+        "current_user; c = PostgresCatalog(sys.argv[1], current_user()); "
+        "print(json.dumps(sorted({r.uid for r in c.list()}))); c.close()"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    res = run_as(alice, [sys.executable, "-c", code, server.url("alice")], env=env, cwd=Path("/"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"[{alice.uid}]"
+
+
+@pytest.mark.parametrize("name", ["", "pg_monitor", "a\"b", "x" * 64, "bad name", "hpcckpt_admin"])
+def test_unsafe_role_names_are_refused(name: str) -> None:
+    with pytest.raises(CatalogError):
+        pg_security.check_role_name(name)
