@@ -55,6 +55,10 @@ class Catalog(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    @abstractmethod
+    def schema_version(self) -> int:
+        """The schema version the catalog is at (after any migration on open)."""
+
     @property
     @abstractmethod
     def location(self) -> str:
