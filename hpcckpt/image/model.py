@@ -9,7 +9,7 @@ CorruptImageError.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -187,7 +187,11 @@ assert set(_META_KINDS) == {f.name for f in fields(ImageMeta)}
 assert set(_TASK_KINDS) == {f.name for f in fields(TaskInfo)}
 assert set(_FILE_KINDS) == {f.name for f in fields(OpenFile)}
 
-_REQUIRED = {"ckptid", "job_id", "engine", "pid", "ppid", "pgid", "sid", "comm", "cmdline", "fd", "path"}
+def _required(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+
+
+_REQUIRED = {"meta": _required(ImageMeta), "task": _required(TaskInfo), "file": _required(OpenFile)}
 
 
 def _decode(doc: Any, kinds: dict[str, str], what: str) -> dict[str, Any]:
@@ -197,7 +201,7 @@ def _decode(doc: Any, kinds: dict[str, str], what: str) -> dict[str, Any]:
     for name, kind in kinds.items():
         if name in doc:
             out[name] = _check(doc[name], kind, f"{what}.{name}")
-        elif name in _REQUIRED:
+        elif name in _REQUIRED[what]:
             raise FieldError(f"{what} lacks the field {name!r}")
     # Unknown keys come from a newer minor version and are ignored on purpose.
     return out

@@ -101,6 +101,9 @@ def test_structure_errors() -> None:
         "malformed JSON": craft([(F.T_TASKS, 0, b"[{")]),
         "should be int": craft([(F.T_TASKS, 0, json.dumps([{"pid": "1", "ppid": 0, "pgid": 0, "sid": 0,
                                                             "comm": "x", "cmdline": []}]).encode())]),
+        # found by the fuzzer: a missing required field used to escape as a TypeError
+        "lacks the field 'mtime_ns'": craft([(F.T_FILES, 0, json.dumps([{"pid": 1, "fd": 3, "path": "/x",
+                                                                          "size": 1, "mode": "r"}]).encode())]),
         "malformed error record": craft([(F.T_ERROR, 0, b"no leading nul")]),
         "tasks record after the first section": craft([
             (F.T_SECTION_BEGIN, 0, section(0, b"a")), (F.T_SECTION_END, 0, F.SECTION_END.pack(0, 0, 0)),
