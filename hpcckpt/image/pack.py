@@ -83,6 +83,8 @@ def _json_list_records(items: list[dict[str, Any]]) -> Iterator[bytes]:
 def _prepare_meta(meta: ImageMeta, flags: int = 0) -> ImageMeta:
     if meta.ckptid < 0:
         raise ValueError(f"ckptid must be >= 0, got {meta.ckptid}")
+    if not 0 <= meta.flags <= 0xFFFFFFFF:
+        raise ValueError(f"flags must fit in 32 bits, got {meta.flags:#x}")
     return dataclasses.replace(meta, created=meta.created or time.time(), flags=meta.flags | flags)
 
 
