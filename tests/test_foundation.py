@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 
 import hpcckpt
 from hpcckpt import errors
-from hpcckpt.cli.main import SUBCOMMANDS
+from hpcckpt.cli.main import SUBCOMMANDS, build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,11 +33,33 @@ def test_version() -> None:
     assert proc.stdout.strip() == f"hpcckpt {hpcckpt.__version__}"
 
 
-@pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_every_command_has_help_with_examples(command: str) -> None:
-    proc = hpcckpt_cli(command, "--help")
-    assert proc.returncode == 0, proc.stderr
-    assert "example" in proc.stdout.lower(), f"'hpcckpt {command} --help' shows no example"
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and sub-command the parser knows, e.g. ('policy', 'show')."""
+    paths: list[tuple[str, ...]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    paths.append((*prefix, name))
+                    walk(child, (*prefix, name))
+
+    walk(build_parser(), ())
+    return paths
+
+
+def test_all_top_level_commands_are_registered() -> None:
+    tops = {p[0] for p in _command_paths()}
+    assert tops == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", _command_paths(), ids=" ".join)
+def test_every_command_has_help_with_examples(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out.lower(), f"'hpcckpt {' '.join(command)} --help' shows no example"
 
 
 def test_error_classes_have_documented_exit_codes() -> None:

@@ -40,7 +40,8 @@ examples:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("policy", help="show the effective policy, check policy files",
-                       description=DESCRIPTION, formatter_class=formatter())
+                       description=DESCRIPTION, epilog=SHOW_EPILOG + "\n" + CHECK_EPILOG.split("examples:\n")[1],
+                       formatter_class=formatter())
     psub = p.add_subparsers(dest="policy_command", metavar="ACTION")
 
     show = psub.add_parser("show", help="print the effective policy", description=DESCRIPTION,
