@@ -1,0 +1,83 @@
+"""The contract between the checkpoint pipeline and a checkpoint engine.
+
+The pipeline (:mod:`hpcckpt.checkpoint`, :mod:`hpcckpt.resume`) needs four
+things from an engine: freeze-and-dump a tree into a directory, restore a
+tree from a directory, and record / check the CPU features the dump depends
+on. CRIU is the production engine; unit tests inject a fake that writes a few
+files, so that failure handling can be exercised without root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """What the policy's ``criu`` section asks for, in engine-neutral words."""
+
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    link_remap: bool = False
+    extra_args: Sequence[str] = ()
+
+    @classmethod
+    def from_policy(cls, pol: object) -> DumpOptions:
+        c = getattr(pol, "criu", None)
+        if c is None:
+            return cls()
+        return cls(
+            tcp_established=bool(c.tcp_established),
+            ext_unix_sk=bool(c.ext_unix_sk),
+            file_locks=bool(c.file_locks),
+            link_remap=bool(c.link_remap),
+            extra_args=tuple(c.extra_args or ()),
+        )
+
+
+@dataclass
+class DumpResult:
+    frozen_s: float  # wall time the tree was stopped (the whole dump run)
+    log_path: Path
+    images_dir: Path
+
+
+@dataclass
+class RestoreResult:
+    pid: int  # host pid of the restored root task
+    seconds: float
+    log_path: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class CheckpointEngine(Protocol):
+    name: str
+
+    def version(self) -> str: ...
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        *,
+        options: DumpOptions,
+        leave_running: bool = True,
+        timeout: float | None = None,
+    ) -> DumpResult: ...
+
+    def restore(
+        self,
+        images_dir: Path,
+        *,
+        options: DumpOptions,
+        inherit_fds: Mapping[int, str] | None = None,
+        timeout: float | None = None,
+    ) -> RestoreResult: ...
+
+    def cpuinfo_dump(self, images_dir: Path) -> None: ...
+
+    def cpuinfo_check(self, images_dir: Path) -> tuple[bool, str]: ...

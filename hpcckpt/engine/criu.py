@@ -1,0 +1,269 @@
+"""The CRIU adapter: the only code in hpcckpt that runs the ``criu`` binary.
+
+Every call is an argv list (never a shell), run with a timeout in its own
+session so that a CRIU that hangs can be killed with everything it forked.
+Two kinds of failure are told apart, as borg and pycriu do:
+
+* CRIU could not be started at all: :class:`EngineNotFoundError` (no such
+  file) or :class:`EngineError` saying "permission denied" (not executable,
+  or missing capabilities);
+* CRIU ran and refused: :class:`EngineError` whose ``log_excerpt`` is the
+  relevant tail of CRIU's own log file, which is what a user needs to see.
+
+CRIU prints ``rlimit: Can't setup RLIMIT_NOFILE for self`` on every run when
+it runs with file capabilities; that line is noise and is never reported.
+
+Restore runs with ``--restore-sibling --restore-detached``: CRIU then forks
+the restored root task with ``CLONE_PARENT``, so it becomes a child of the
+process that called us (the runner) and CRIU itself exits. The runner can
+``waitpid`` the job, and the job stays in the job step's cgroup and process
+tracking (the failure mode of CRIU issue 2605 is a tree reparented to init).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcckpt import log as hlog
+from hpcckpt.engine.base import DumpOptions, DumpResult, RestoreResult
+from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError
+
+_log = hlog.get("engine.criu")
+
+ENV_CRIU = "HPCCKPT_CRIU"
+# Where setup.sh and distributions install criu; sbin is often not on a user's PATH.
+_EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_NOISE = ("Can't setup RLIMIT_NOFILE",)
+_EXCERPT_LINES = 25
+CAP_SYS_PTRACE = 19
+CAP_CHECKPOINT_RESTORE = 40
+# struct vfs_cap_data (linux/capability.h): magic_etc, then {permitted, inheritable} x 2, all le32.
+_VFS_CAP = struct.Struct("<I2I2I")
+_INSTALL_HINT = "install CRIU >= 4.2 (sudo scripts/setup.sh) or point $HPCCKPT_CRIU at the criu binary"
+
+
+@dataclass
+class Completed:
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+
+def log_excerpt(log_path: Path, limit: int = _EXCERPT_LINES) -> str:
+    """The error lines of a CRIU log (or its tail when it has none), noise removed."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not any(n in ln for n in _NOISE)]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    chosen = errors if errors else lines
+    return "\n".join(chosen[-limit:])
+
+
+def _clean(text: str) -> str:
+    return "\n".join(ln for ln in text.splitlines() if not any(n in ln for n in _NOISE))
+
+
+class Criu:
+    """One criu binary. ``Criu.locate()`` finds it the way every command does."""
+
+    name = "criu"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self._version: str | None = None
+
+    # -- finding and probing -------------------------------------------------
+
+    @classmethod
+    def locate(cls) -> Criu:
+        """``$HPCCKPT_CRIU`` if set, else ``criu`` on PATH or in the sbin directories."""
+        explicit = os.environ.get(ENV_CRIU)
+        if explicit:
+            if not os.path.exists(explicit):
+                raise EngineNotFoundError(f"${ENV_CRIU} is {explicit!r}, which does not exist", hint=_INSTALL_HINT)
+            if not os.access(explicit, os.X_OK):
+                raise EngineError(f"${ENV_CRIU} is {explicit!r}, which is not executable by you",
+                                  hint=_INSTALL_HINT)
+            return cls(explicit)
+        search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
+        found = shutil.which("criu", path=search)
+        if not found:
+            raise EngineNotFoundError("criu was not found on PATH or in /usr/local/sbin, /usr/sbin",
+                                      hint=_INSTALL_HINT)
+        return cls(found)
+
+    def _run(
+        self,
+        args: Sequence[str],
+        *,
+        timeout: float | None = None,
+        pass_fds: Sequence[int] = (),
+        what: str = "criu",
+    ) -> Completed:
+        argv = [self.path, *args]
+        t0 = time.monotonic()
+        try:
+            # A new session, so a timeout can kill criu and anything it forked in one go.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=tuple(pass_fds), start_new_session=True, text=True,
+            )
+        except FileNotFoundError as exc:
+            raise EngineNotFoundError(f"{self.path}: no such file", hint=_INSTALL_HINT) from exc
+        except PermissionError as exc:
+            raise EngineError(f"{self.path}: permission denied (not executable by uid {os.getuid()})",
+                              hint=_INSTALL_HINT) from exc
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+            raise DeadlineExceededError(
+                f"{what} did not finish within {timeout:.1f} s and was killed",
+                hint="raise the deadline (--deadline, policy preemption.grace_margin) or checkpoint less memory",
+            ) from None
+        return Completed(proc.returncode, out, _clean(err), time.monotonic() - t0)
+
+    def version(self) -> str:
+        if self._version is None:
+            res = self._run(["--version"], timeout=30)
+            for line in res.out.splitlines():
+                if line.startswith("Version:"):
+                    self._version = line.split(":", 1)[1].strip()
+                    break
+            else:
+                raise EngineError(f"{self.path} --version printed no version (rc {res.rc})",
+                                  log_excerpt=(res.out + res.err)[-2000:], hint=_INSTALL_HINT)
+        return self._version
+
+    def check(self) -> tuple[bool, str]:
+        res = self._run(["check"], timeout=120)
+        return res.rc == 0, (res.out + res.err).strip()
+
+    def has_feature(self, name: str) -> bool:
+        return self._run(["check", "--feature", name], timeout=60).rc == 0
+
+    def unprivileged_capable(self) -> bool:
+        """Whether the binary carries the file capabilities that ``--unprivileged`` needs."""
+        try:
+            raw = os.getxattr(self.path, "security.capability")
+        except OSError:
+            return False
+        if len(raw) < _VFS_CAP.size:
+            return False
+        _magic, perm0, _inh0, perm1, _inh1 = _VFS_CAP.unpack_from(raw)
+        permitted = perm0 | (perm1 << 32)
+        need = (1 << CAP_SYS_PTRACE) | (1 << CAP_CHECKPOINT_RESTORE)
+        return permitted & need == need
+
+    # -- dump and restore ----------------------------------------------------
+
+    @staticmethod
+    def _common(options: DumpOptions) -> list[str]:
+        args: list[str] = []
+        if os.geteuid() != 0:
+            args.append("--unprivileged")
+        if options.tcp_established:
+            args.append("--tcp-established")
+        if options.ext_unix_sk:
+            args.append("--ext-unix-sk")
+        if options.file_locks:
+            args.append("--file-locks")
+        if options.link_remap:
+            args.append("--link-remap")
+        args.extend(options.extra_args)
+        return args
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        *,
+        options: DumpOptions,
+        leave_running: bool = True,
+        timeout: float | None = None,
+    ) -> DumpResult:
+        """Freeze the tree rooted at host pid ``pid`` and write it to ``images_dir``."""
+        log_name = "dump.log"
+        args = ["dump", "-t", str(pid), "-D", str(images_dir), "-o", log_name, *self._common(options)]
+        if leave_running:
+            args.append("--leave-running")
+        res = self._run(args, timeout=timeout, what=f"criu dump of pid {pid}")
+        log_path = images_dir / log_name
+        if res.rc != 0:
+            excerpt = log_excerpt(log_path) or res.err.strip()
+            raise EngineError(
+                f"criu dump of pid {pid} failed (exit {res.rc}); log: {log_path}",
+                log_excerpt=excerpt,
+                hint="the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node",
+            )
+        hlog.event(_log, "criu.dumped", f"dumped pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
+        return DumpResult(frozen_s=res.seconds, log_path=log_path, images_dir=images_dir)
+
+    def restore(
+        self,
+        images_dir: Path,
+        *,
+        options: DumpOptions,
+        inherit_fds: Mapping[int, str] | None = None,
+        timeout: float | None = None,
+    ) -> RestoreResult:
+        """Restore the tree in ``images_dir`` as a child of this process; return its host pid.
+
+        ``inherit_fds`` maps a descriptor of ours to the resource it replaces
+        in the image (``"pipe:[1234]"``), for CRIU's ``--inherit-fd``.
+        """
+        log_name, pidfile = "restore.log", "restored.pid"
+        with_pid = images_dir / pidfile
+        try:
+            with_pid.unlink()
+        except FileNotFoundError:
+            pass
+        args = ["restore", "-D", str(images_dir), "-o", log_name, "--pidfile", pidfile,
+                "--restore-sibling", "--restore-detached", *self._common(options)]
+        fds = dict(inherit_fds or {})
+        for fd, resource in fds.items():
+            args += ["--inherit-fd", f"fd[{fd}]:{resource}"]
+        res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore")
+        log_path = images_dir / log_name
+        if res.rc != 0:
+            raise EngineError(
+                f"criu restore from {images_dir} failed (exit {res.rc}); log: {log_path}",
+                log_excerpt=log_excerpt(log_path) or res.err.strip(),
+                hint="try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'",
+            )
+        try:
+            pid = int(with_pid.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"criu restore succeeded but wrote no usable pid file {with_pid}: {exc}",
+                              log_excerpt=log_excerpt(log_path)) from exc
+        hlog.event(_log, "criu.restored", f"restored pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
+        return RestoreResult(pid=pid, seconds=res.seconds, log_path=log_path)
+
+    def cpuinfo_dump(self, images_dir: Path) -> None:
+        res = self._run(["cpuinfo", "dump", "-D", str(images_dir), "-o", "cpuinfo-dump.log"], timeout=60)
+        if res.rc != 0:
+            raise EngineError("criu cpuinfo dump failed",
+                              log_excerpt=log_excerpt(images_dir / "cpuinfo-dump.log") or res.err)
+
+    def cpuinfo_check(self, images_dir: Path) -> tuple[bool, str]:
+        """Whether this CPU offers every feature recorded by ``cpuinfo_dump``; the reason if not."""
+        log_name = "cpuinfo-check.log"
+        res = self._run(["cpuinfo", "check", "-D", str(images_dir), "-o", log_name], timeout=60)
+        if res.rc == 0:
+            return True, ""
+        return False, log_excerpt(images_dir / log_name) or res.err.strip()
