@@ -320,8 +320,8 @@ PreemptMode=OFF OverSubscribe=NO
             last = self.show_job(job_id)
             if last.get("JobState") in want:
                 return last
-            if last.get("JobState") in TERMINAL and not want & TERMINAL:
-                break
+            if last.get("JobState") in TERMINAL:
+                break  # it will not move on from here
             time.sleep(0.5)
         raise ClusterError(
             f"job {job_id} is {last.get('JobState')!r} (reason {last.get('Reason')!r}), "
