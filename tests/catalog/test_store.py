@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import User, user_by_name
-from hpcckpt.errors import StoreError, UnsafePathError
+from hpcckpt.errors import CatalogError, StoreError, UnsafePathError
 from hpcckpt.fsutil import atomic_write_bytes, ensure_private_dir, safe_job_component
 from hpcckpt.store import Store
 
@@ -140,3 +140,22 @@ def test_safe_component_is_one_safe_name(job: str) -> None:
 def test_safe_component_injective(a: str, b: str) -> None:
     if a != b:
         assert safe_job_component(a) != safe_job_component(b)
+
+
+@pytest.mark.multiuser
+def test_root_never_writes_through_a_users_planted_journal_link(store_root: Path, tmp_path: Path) -> None:
+    """SQLite opens its journal by name; root acting for alice must do it with alice's rights."""
+    alice = user_by_name("alice")
+    cat = open_catalog(None, store_root, alice)
+    cat.close()
+    victim = tmp_path / "root-only"
+    victim.write_bytes(b"precious")
+    victim.chmod(0o600)
+    os.symlink(victim, store_root / "alice" / "catalog.sqlite-journal")
+    cat = open_catalog(None, store_root, alice)
+    try:
+        with pytest.raises(CatalogError, match="unable to open"):
+            cat.begin(job_id="1", uid=alice.uid, user="alice", node="n", engine="criu")
+    finally:
+        cat.close()
+    assert victim.read_bytes() == b"precious"
