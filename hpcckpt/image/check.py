@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpcckpt.context import User
@@ -15,7 +15,7 @@ from hpcckpt.errors import (
     UnreadableImageError,
 )
 from hpcckpt.image.reader import verify_image
-from hpcckpt.image.resolve import Lookup, catalog_lookup, resolve_image
+from hpcckpt.image.resolve import Lookup, catalog_lookup, parent_resolver, resolve_image
 
 
 @dataclass
@@ -29,6 +29,7 @@ class CheckResult:
     sections: int = 0
     length: int = 0
     digest: str = ""
+    parents: list[int] = field(default_factory=list)  # images of the chain verified with it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +46,7 @@ def check_one(arg: str, user: User, lookup: Lookup | None) -> CheckResult:
     try:
         p = resolve_image(arg, user, lookup)
         path = str(p)
-        s = verify_image(p)
+        s = verify_image(p, parent_resolver(user, lookup))
     except UnreadableImageError as exc:
         return CheckResult(arg, path, "unreadable", exc.exit_code, exc.render())
     except HpcckptError as exc:
@@ -55,7 +56,8 @@ def check_one(arg: str, user: User, lookup: Lookup | None) -> CheckResult:
         return CheckResult(arg, path, "failed_checkpoint", EXIT_CORRUPT,
                            "the image records a failed checkpoint: " + s.errors[0], s.meta.ckptid, 0,
                            s.length, s.digest)
-    return CheckResult(arg, path, "ok", EXIT_OK, "", s.meta.ckptid, len(s.sections), s.length, s.digest)
+    return CheckResult(arg, path, "ok", EXIT_OK, "", s.meta.ckptid, len(s.sections), s.length, s.digest,
+                       s.parents)
 
 
 def check_images(

@@ -21,8 +21,47 @@ class CodecError(ValueError):
     """Stored bytes do not decode to the declared raw length (reader adds the location)."""
 
 
+# Adaptive compression: after this many incompressible chunks in a row a
+# section (already-compressed or random data) is stored raw, trying again only
+# every REPROBE_EVERY chunks in case the data changes character.
+GIVE_UP_AFTER = 4
+REPROBE_EVERY = 64
+
+
+class Adaptive:
+    """Per-section give-up state; decisions are made and updated in chunk order."""
+
+    def __init__(self) -> None:
+        self.misses = 0
+        self.skip = 0
+        self.skipped = 0  # chunks not even tried, for the pack statistics
+
+    def new_section(self) -> None:
+        self.misses = 0
+        self.skip = 0
+
+    def should_try(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def outcome(self, compressed: bool) -> None:
+        if compressed:
+            self.misses = 0
+            return
+        self.misses += 1
+        if self.misses >= GIVE_UP_AFTER:
+            self.misses = GIVE_UP_AFTER - 1  # one more miss after a re-probe gives up again at once
+            self.skip = REPROBE_EVERY
+
+
 class Compressor:
-    """Compresses chunks with one codec; keeps its zstd context between chunks."""
+    """Compresses chunks with one codec; keeps its zstd context between chunks.
+
+    Not thread-safe (the zstd context): parallel packing gives each worker its own.
+    """
 
     def __init__(self, codec: str, level: int = 3) -> None:
         if codec not in F.CODEC_IDS:

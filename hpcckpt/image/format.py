@@ -33,7 +33,7 @@ from typing import Final
 HEAD_MAGIC: Final = b"\x89HCKPT\r\n"  # high bit and CRLF catch 7-bit and text-mode mangling, as PNG's
 TAIL_MAGIC: Final = b"HCKPTEND"
 VERSION_MAJOR: Final = 1
-VERSION_MINOR: Final = 0
+VERSION_MINOR: Final = 1  # 1.1: CHUNK_REF records (incremental images)
 SUPPORTED_MAJOR: Final = frozenset({1})
 
 PREAMBLE = struct.Struct("<8sHHI")
@@ -47,7 +47,7 @@ T_TASKS: Final = 2
 T_FILES: Final = 3
 T_SECTION_BEGIN: Final = 4
 T_CHUNK: Final = 5
-T_CHUNK_REF: Final = 6  # reserved for incremental images (docs/format.md); not written yet
+T_CHUNK_REF: Final = 6  # incremental images (format 1.1): a chunk stored in an earlier image
 T_SECTION_END: Final = 7
 T_ERROR: Final = 8
 T_TRAILER: Final = 15
@@ -84,9 +84,13 @@ KIND_NAMES: Final = {K_FILE: "file", K_DIR: "dir"}
 # CHUNK payload: fixed part, then the stored bytes (the rest of the payload).
 CHUNK = struct.Struct("<IBBHQI16s")
 #   section number, codec, reserved(0), reserved(0), offset in section, raw length, xxh3_128(raw)
-# CHUNK_REF payload (reserved): the same chunk, found in a parent image.
+# CHUNK_REF payload (format 1.1): the chunk's bytes are a CHUNK record of another image.
 CHUNK_REF = struct.Struct("<IIQQI16s")
-#   section number, reserved(0), parent ckptid, offset in section, raw length, xxh3_128(raw)
+#   section number, reserved(0), ckptid of the image whose CHUNK holds the bytes,
+#   offset in section, raw length, xxh3_128(raw)
+# Only chunks at least this long are referenced: a ref costs a seek into
+# another file on restore, which small metadata files are not worth.
+MIN_REF: Final = 64 << 10
 SECTION_END = struct.Struct("<IIQ")  # section number, chunk count, size
 
 # TRAILER payload.

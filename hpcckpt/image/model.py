@@ -10,7 +10,10 @@ CorruptImageError.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hpcckpt.image.parent import ParentIndex
 
 
 class FieldError(ValueError):
@@ -93,6 +96,10 @@ class PackStats:
     records: int
     digest: str
     sections: int
+    refs: int = 0  # chunks stored as references to a parent image
+    ref_bytes: int = 0  # raw bytes those references stand for
+    # The new image's own index, to pack the next checkpoint against without reading this one back.
+    index: ParentIndex | None = None
 
 
 @dataclass
@@ -106,6 +113,8 @@ class ImageSummary:
     records: int
     length: int
     digest: str
+    parents: list[int] = field(default_factory=list)  # images this incremental one refers to
+    ref_bytes: int = 0  # raw bytes taken from them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +127,8 @@ class ImageSummary:
             "records": self.records,
             "length": self.length,
             "digest": self.digest,
+            "parents": list(self.parents),
+            "ref_bytes": self.ref_bytes,
         }
 
 

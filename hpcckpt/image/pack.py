@@ -22,9 +22,10 @@ import xxhash
 from hpcckpt import log as hlog
 from hpcckpt.errors import StoreError
 from hpcckpt.image import format as F
-from hpcckpt.image.codec import Compressor
+from hpcckpt.image.encode import ChunkEncoder, Encoded
 from hpcckpt.image.model import ImageMeta, OpenFile, PackStats, TaskInfo, to_json_list
 from hpcckpt.image.names import SectionNameError, check_name, encode_name
+from hpcckpt.image.parent import ChunkLocation, ParentIndex
 from hpcckpt.image.records import RecordWriter
 from hpcckpt.image.system import system_info
 
@@ -123,13 +124,21 @@ def _walk(dir_fd: int, prefix: str, src: str) -> Iterator[tuple[_Entry, int]]:
 
 
 class _Packer:
-    def __init__(self, w: RecordWriter, comp: Compressor, chunk_size: int, src: str) -> None:
+    def __init__(self, w: RecordWriter, enc_args: tuple[str, int, int, int], src: str,
+                 parent: ParentIndex | None, index: ParentIndex | None) -> None:
         self.w = w
-        self.comp = comp
-        self.buf = bytearray(chunk_size)
+        codec, level, chunk_size, workers = enc_args
+        self.chunk_size = chunk_size
+        self.enc = ChunkEncoder(codec, level, chunk_size, workers, self._emit)
+        self.codec_id = F.CODEC_IDS[codec]
         self.src = src
+        self.parent = parent
+        self.index = index  # this image's own index, filled as chunks go out
         self.sections = 0
         self.bytes_in = 0
+        self.refs = 0
+        self.ref_bytes = 0
+        self._name = ""
 
     def section(self, entry: _Entry, parent_fd: int) -> None:
         try:
@@ -138,15 +147,38 @@ class _Packer:
         except SectionNameError as exc:
             raise StoreError(f"{os.path.join(self.src, entry.name)}: cannot be stored: {exc}") from exc
         size = entry.st.st_size if entry.kind == F.K_FILE else 0
-        codec = self.comp.codec_id if entry.kind == F.K_FILE else F.C_NONE
+        codec = self.codec_id if entry.kind == F.K_FILE else F.C_NONE
         begin = F.SECTION_BEGIN.pack(
             self.sections, entry.kind, codec, 0, entry.st.st_mode, size, entry.st.st_mtime_ns, len(raw_name)
         )
         self.w.write(F.T_SECTION_BEGIN, [begin, raw_name])
+        self._name = entry.name
+        self.enc.adaptive.new_section()
         chunks = self._data(entry, parent_fd, size) if entry.kind == F.K_FILE else 0
         self.w.write(F.T_SECTION_END, [F.SECTION_END.pack(self.sections, chunks, size)])
         self.sections += 1
         self.bytes_in += size
+
+    def _emit(self, item: Encoded) -> None:
+        if item.ref_ckptid:
+            self.w.write(F.T_CHUNK_REF, [F.CHUNK_REF.pack(
+                self.sections, 0, item.ref_ckptid, item.offset, item.raw_len, item.digest)])
+        else:
+            fixed = F.CHUNK.pack(self.sections, item.codec, 0, 0, item.offset, item.raw_len, item.digest)
+            self.w.write(F.T_CHUNK, [fixed, item.stored])
+
+    def _encode(self, buf: bytearray, offset: int, raw_len: int) -> None:
+        digest = xxhash.xxh3_128_digest(memoryview(buf)[:raw_len])
+        item = Encoded(offset, raw_len, digest, buf)
+        found = self.parent.lookup(digest, raw_len) if self.parent and raw_len >= F.MIN_REF else None
+        if found is not None:
+            item.ref_ckptid = found.ckptid
+            self.refs += 1
+            self.ref_bytes += raw_len
+        if self.index is not None and raw_len >= F.MIN_REF:
+            owner = found.ckptid if found is not None else self.index.ckptid
+            self.index.chunks.setdefault((digest, raw_len), ChunkLocation(owner, self._name, offset, raw_len))
+        self.enc.submit(item)
 
     def _data(self, entry: _Entry, parent_fd: int, size: int) -> int:
         path = os.path.join(self.src, entry.name)
@@ -155,12 +187,15 @@ class _Packer:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_dev) != (entry.st.st_ino, entry.st.st_dev):
                 raise StoreError(f"{path}: replaced while packing", hint="pack a directory nothing else writes")
-            view = memoryview(self.buf)
             offset = 0
             chunks = 0
             with open(fd, "rb", buffering=0, closefd=False) as f:
+                # Fixed chunk offsets keep boundaries content-stable between checkpoints,
+                # so unchanged memory hashes the same and becomes a reference.
                 while offset < size:
-                    want = min(len(self.buf), size - offset)
+                    want = min(self.chunk_size, size - offset)
+                    buf = self.enc.buffer()
+                    view = memoryview(buf)
                     got = 0
                     while got < want:
                         n = f.readinto(view[got:want])
@@ -168,18 +203,29 @@ class _Packer:
                             raise StoreError(f"{path}: shrank while packing (read {offset + got} of {size} bytes)",
                                              hint="pack a directory nothing else writes")
                         got += n
-                    raw = view[:want]
-                    codec, stored = self.comp.compress(raw)
-                    fixed = F.CHUNK.pack(self.sections, codec, 0, 0, offset, want, xxhash.xxh3_128_digest(raw))
-                    self.w.write(F.T_CHUNK, [fixed, stored])
+                    self._encode(buf, offset, want)
                     offset += want
                     chunks += 1
-                if f.readinto(view[:1]):
+                self.enc.flush()
+                if f.readinto(bytearray(1)):
                     raise StoreError(f"{path}: grew while packing (beyond {size} bytes)",
                                      hint="pack a directory nothing else writes")
             return chunks
         finally:
             os.close(fd)
+
+
+def _with_parent(meta: ImageMeta, parent: ParentIndex | None) -> ImageMeta:
+    if parent is None:
+        return meta
+    if meta.parent_ckptid not in (None, parent.ckptid):
+        raise ValueError(f"meta.parent_ckptid is {meta.parent_ckptid} but the parent index is of {parent.ckptid}")
+    if meta.ckptid and parent.ckptid >= meta.ckptid:
+        raise ValueError(f"parent checkpoint {parent.ckptid} is not older than checkpoint {meta.ckptid}")
+    if parent.uid != meta.uid:
+        raise ValueError(f"parent checkpoint {parent.ckptid} belongs to uid {parent.uid}, not {meta.uid}")
+    return dataclasses.replace(meta, parent_ckptid=parent.ckptid,
+                               extra={**meta.extra, "chain": parent.chain_extra()})
 
 
 def pack_dir(
@@ -192,15 +238,31 @@ def pack_dir(
     codec: str = "none",
     level: int = 3,
     chunk_size: int = F.DEFAULT_CHUNK,
+    parent: ParentIndex | None = None,
+    workers: int = 1,
 ) -> PackStats:
     """Write the directory ``src`` as one image to ``out``, in one sequential pass.
+
+    With ``parent`` (an index of an earlier image of the same user), chunks of
+    at least ``MIN_REF`` bytes that it already holds are written as
+    references: an incremental image (format 1.1). ``workers`` > 1 compresses
+    on that many threads. The returned stats carry the new image's own index
+    (``stats.index``, when ``meta.ckptid`` > 0) for packing the next one.
 
     ``out`` is not flushed to disk or closed: durability is the caller's (the
     store's publish does fsync and rename).
     """
     if not F.MIN_CHUNK <= chunk_size <= F.MAX_CHUNK:
         raise ValueError(f"chunk_size must be between {F.MIN_CHUNK} and {F.MAX_CHUNK}, got {chunk_size}")
-    comp = Compressor(codec, level)
+    if codec not in F.CODEC_IDS:
+        raise ValueError(f"unknown codec {codec!r}; use one of {sorted(F.CODEC_IDS)}")
+    meta = _prepare_meta(_with_parent(meta, parent))
+    chain = parent.chain_extra() if parent is not None else None
+    index = (
+        ParentIndex(ckptid=meta.ckptid, job_id=meta.job_id, uid=meta.uid,
+                    depth=chain["depth"] if chain else 0, base=chain["base"] if chain else meta.ckptid)
+        if meta.ckptid > 0 else None
+    )
     src_s = os.fspath(src)
     try:
         root = os.open(src_s, _OPEN_DIR)
@@ -208,22 +270,28 @@ def pack_dir(
         raise StoreError(f"{src_s}: cannot open the directory to pack: {exc.strerror}") from exc
     t0 = time.monotonic()
     try:
-        w = _begin(out, _prepare_meta(meta), tasks, files)
-        packer = _Packer(w, comp, chunk_size, src_s)
+        w = _begin(out, meta, tasks, files)
+        packer = _Packer(w, (codec, level, chunk_size, workers), src_s, parent, index)
         try:
-            for entry, parent in _walk(root, "", src_s):
-                packer.section(entry, parent)
+            for entry, dir_fd in _walk(root, "", src_s):
+                packer.section(entry, dir_fd)
         except OSError as exc:
             raise StoreError(f"{exc.filename or src_s}: cannot read while packing: {exc.strerror}") from exc
+        finally:
+            packer.enc.close()
         records, total, digest = w.finish()
     finally:
         os.close(root)
+    if index is not None:
+        index.base_bytes = chain["base_bytes"] if chain else total
+        index.chain_bytes = (chain["bytes_before"] if chain else 0) + total
     hlog.event(
         _log, "image.packed", f"packed {src_s}", logging.DEBUG, ckptid=meta.ckptid, sections=packer.sections,
         bytes_in=packer.bytes_in, bytes_out=total, codec=codec, seconds=round(time.monotonic() - t0, 3),
+        parent=meta.parent_ckptid, refs=packer.refs, ref_bytes=packer.ref_bytes,
     )
     return PackStats(bytes_out=total, bytes_in=packer.bytes_in, records=records, digest=digest,
-                     sections=packer.sections)
+                     sections=packer.sections, refs=packer.refs, ref_bytes=packer.ref_bytes, index=index)
 
 
 def error_payload(message: str, detail: str = "") -> bytes:

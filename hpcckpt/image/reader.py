@@ -4,6 +4,10 @@
 discards data and ``unpack_image`` with one that writes files. Every chunk is
 decompressed and its content hash checked in both cases, so "verify passed"
 means "unpack would get exactly the bytes that were packed".
+
+An incremental image's CHUNK_REFs are followed through ``resolve_parent``
+(ckptid -> path): unpack reads and checks each referenced chunk; verify
+checks every referenced image whole, recursively, once each.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError, UnsupportedImageError
+from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
 from hpcckpt.image.model import (
@@ -32,6 +36,7 @@ from hpcckpt.image.model import (
     tasks_from_json,
 )
 from hpcckpt.image.names import SectionNameError, check_name
+from hpcckpt.image.parent import ChunkKey, ChunkSource, ResolveParent
 from hpcckpt.image.records import Readable, Record, RecordReader
 
 _READ_BUFFER = 1 << 20
@@ -102,7 +107,7 @@ def _json_payload(r: RecordReader, rec: Record, data: memoryview) -> Any:
         raise r.corrupt(f"malformed JSON: {exc}", rec=rec) from exc
 
 
-def _parse_header(r: RecordReader, rec: Record) -> tuple[ImageMeta, dict[str, Any]]:
+def parse_header(r: RecordReader, rec: Record) -> tuple[ImageMeta, dict[str, Any]]:
     if rec.rtype != F.T_HEADER or rec.index != 0:
         raise r.corrupt("the first record must be the image header", rec=rec)
     p = rec.payload
@@ -129,9 +134,12 @@ def _parse_header(r: RecordReader, rec: Record) -> tuple[ImageMeta, dict[str, An
 
 
 class _Walker:
-    def __init__(self, r: RecordReader, sink: Sink) -> None:
+    def __init__(self, r: RecordReader, sink: Sink, ckptid: int, refs: ChunkSource) -> None:
         self.r = r
         self.sink = sink
+        self.ckptid = ckptid
+        self.refs = refs
+        self.stored: set[ChunkKey] = set()  # what a child image may refer to
         self.tasks: list[TaskInfo] = []
         self.files: list[OpenFile] = []
         self.sections: list[SectionInfo] = []
@@ -165,11 +173,7 @@ class _Walker:
         elif t == F.T_CHUNK:
             self.chunk(rec)
         elif t == F.T_CHUNK_REF:
-            raise UnsupportedImageError(
-                f"{self.r.path}: offset {rec.offset}, record {rec.index}: incremental image "
-                "(chunk references to a parent image) are not readable by this hpcckpt",
-                hint="upgrade hpcckpt",
-            )
+            self.chunk_ref(rec)
         elif t == F.T_SECTION_END:
             self.end(rec)
         elif t == F.T_ERROR:
@@ -226,6 +230,35 @@ class _Walker:
         if kind == F.K_DIR:
             self.dirs.add(name)
 
+    def _place(self, rec: Record, cur: SectionInfo, offset: int, raw_len: int) -> None:
+        if cur.kind != "file":
+            raise self.r.corrupt(f"{rec.name} in a directory section", rec=rec)
+        if offset != self.offset:
+            raise self.r.corrupt(f"{rec.name} at section offset {offset}, expected {self.offset}", rec=rec)
+        if not 0 < raw_len <= F.MAX_CHUNK or offset + raw_len > cur.size:
+            raise self.r.corrupt(f"{rec.name} of {raw_len} bytes at {offset} does not fit section size {cur.size}",
+                                 rec=rec)
+
+    def chunk_ref(self, rec: Record) -> None:
+        cur = self.cur
+        if cur is None:
+            raise self.r.corrupt("chunk ref outside a section", rec=rec)
+        if rec.payload.nbytes != F.CHUNK_REF.size:
+            raise self.r.corrupt("chunk ref record has the wrong length", rec=rec)
+        num, reserved, ckptid, offset, raw_len, digest = F.CHUNK_REF.unpack(rec.payload)
+        if num != len(self.sections) or reserved:
+            raise self.r.corrupt(f"chunk ref header invalid (section {num})", rec=rec)
+        # Refs point strictly backwards (catalog ids grow), so a chain cannot loop.
+        if ckptid == 0 or (self.ckptid and ckptid >= self.ckptid):
+            raise self.r.corrupt(f"chunk ref to checkpoint {ckptid} from checkpoint {self.ckptid}", rec=rec)
+        self._place(rec, cur, offset, raw_len)
+        digest = bytes(digest)
+        raw = self.refs.get(ckptid, digest, raw_len)
+        if raw is not None:
+            self.sink.data(offset, raw)
+        self.offset += raw_len
+        self.chunks += 1
+
     def chunk(self, rec: Record) -> None:
         cur = self.cur
         if cur is None:
@@ -236,13 +269,7 @@ class _Walker:
         num, codec, r1, r2, offset, raw_len, digest = F.CHUNK.unpack(p[: F.CHUNK.size])
         if num != len(self.sections) or r1 or r2 or codec not in F.CODEC_NAMES:
             raise self.r.corrupt(f"chunk header invalid (section {num}, codec {codec})", rec=rec)
-        if cur.kind != "file":
-            raise self.r.corrupt("chunk in a directory section", rec=rec)
-        if offset != self.offset:
-            raise self.r.corrupt(f"chunk at section offset {offset}, expected {self.offset}", rec=rec)
-        if not 0 < raw_len <= F.MAX_CHUNK or offset + raw_len > cur.size:
-            raise self.r.corrupt(f"chunk of {raw_len} bytes at {offset} does not fit section size {cur.size}",
-                                 rec=rec)
+        self._place(rec, cur, offset, raw_len)
         stored = p[F.CHUNK.size :]
         try:
             raw = decompress(codec, stored, raw_len)
@@ -251,6 +278,7 @@ class _Walker:
         if xxhash.xxh3_128_digest(raw) != digest:
             raise self.r.corrupt("chunk content hash mismatch after decoding", rec=rec)
         self.sink.data(offset, raw)
+        self.stored.add((bytes(digest), raw_len))
         self.offset += raw_len
         self.chunks += 1
         cur.stored += stored.nbytes
@@ -284,8 +312,10 @@ def _parse_error(r: RecordReader, rec: Record) -> str:
     return text
 
 
-def walk(src: Path | str | BinaryIO, sink: Sink) -> ImageSummary:
-    """Parse and check a whole image, feeding its content to ``sink``."""
+def _walk(
+    src: Path | str | BinaryIO, sink: Sink, resolve_parent: ResolveParent | None, *, verify_whole: bool,
+    verified: dict[int, set[ChunkKey]] | None = None,
+) -> tuple[ImageSummary, set[ChunkKey]]:
     with open_source(src) as (stream, name):
         r = RecordReader(stream, name)
         r.read_preamble()
@@ -293,24 +323,46 @@ def walk(src: Path | str | BinaryIO, sink: Sink) -> ImageSummary:
         first = next(records, None)
         if first is None:
             raise CorruptImageError("no image header before the trailer", path=name, offset=F.PREAMBLE.size)
-        meta, header = _parse_header(r, first)
-        w = _Walker(r, sink)
-        for rec in records:
-            w.record(rec)
+        meta, header = parse_header(r, first)
+        refs = ChunkSource(resolve_parent, meta, name, verify_whole=verify_whole, verified=verified)
+        w = _Walker(r, sink, meta.ckptid, refs)
+        try:
+            for rec in records:
+                w.record(rec)
+        finally:
+            refs.close()
         if w.cur is not None:
             raise CorruptImageError(
                 f"trailer inside section {w.cur.name!r}", path=name, offset=r.offset, record=r.records - 1,
                 rtype="trailer",
             )
-    return ImageSummary(
+    summary = ImageSummary(
         meta=meta, header=header, tasks=w.tasks, files=w.files, sections=w.sections, errors=w.errors,
-        records=r.records, length=r.length, digest=r.digest,
+        records=r.records, length=r.length, digest=r.digest, parents=sorted(refs.parents), ref_bytes=refs.ref_bytes,
     )
+    return summary, w.stored
 
 
-def verify_image(src: Path | str | BinaryIO) -> ImageSummary:
-    """Check every byte of an image; raises Corrupt/Unsupported/Unreadable/UnsafeImageError."""
-    return walk(src, NullSink())
+def walk(src: Path | str | BinaryIO, sink: Sink, resolve_parent: ResolveParent | None = None) -> ImageSummary:
+    """Parse and check a whole image, feeding its content (refs resolved) to ``sink``."""
+    return _walk(src, sink, resolve_parent, verify_whole=False)[0]
+
+
+def verify_image(src: Path | str | BinaryIO, resolve_parent: ResolveParent | None = None) -> ImageSummary:
+    """Check every byte of an image; raises Corrupt/Unsupported/Unreadable/UnsafeImageError.
+
+    For an incremental image, every image it refers to is verified whole too
+    (through ``resolve_parent``), and each ref is checked against what that
+    image stores; without ``resolve_parent`` such an image is refused.
+    """
+    return _walk(src, NullSink(), resolve_parent, verify_whole=True)[0]
+
+
+def verify_chain_member(
+    path: Path, resolve_parent: ResolveParent | None, verified: dict[int, set[ChunkKey]]
+) -> tuple[ImageSummary, set[ChunkKey]]:
+    """Verify one image of a chain, sharing ``verified`` (ckptid -> stored chunks) across the chain."""
+    return _walk(path, NullSink(), resolve_parent, verify_whole=True, verified=verified)
 
 
 def read_header(src: Path | str) -> ImageMeta:
@@ -318,5 +370,5 @@ def read_header(src: Path | str) -> ImageMeta:
     with open_source(src) as (stream, name):
         r = RecordReader(stream, name)
         r.read_preamble()
-        meta, _ = _parse_header(r, r.next_record())
+        meta, _ = parse_header(r, r.next_record())
         return meta

@@ -38,7 +38,11 @@ def resolve_image(arg: str, user: User, lookup: Lookup | None) -> Path:
         return Path(arg)
     if lookup is None:
         raise CatalogError(f"{arg}: no such file, and no catalog to look up checkpoint {arg} in")
-    ckptid = int(arg)
+    return image_by_id(int(arg), user, lookup)
+
+
+def image_by_id(ckptid: int, user: User, lookup: Lookup) -> Path:
+    """The image file of checkpoint ``ckptid``, owned by ``user`` (root: anyone's)."""
     ref = lookup(ckptid)
     if ref is None:
         raise NotFoundError(f"checkpoint {ckptid} is not in the catalog", hint="see 'hpcckpt list'")
@@ -90,3 +94,14 @@ def catalog_lookup(user: User, store: str | None, catalog: str | None, policy_fi
         return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "", status=str(status))
 
     return lookup
+
+
+def parent_resolver(user: User, lookup: Lookup | None) -> Callable[[int], Path]:
+    """ckptid -> image path for an incremental image's parents, through the catalog."""
+
+    def resolve(ckptid: int) -> Path:
+        if lookup is None:
+            raise CatalogError(f"checkpoint {ckptid} is a parent image, and there is no catalog to find it in")
+        return image_by_id(ckptid, user, lookup)
+
+    return resolve

@@ -21,6 +21,7 @@ from hpcckpt import log as hlog
 from hpcckpt.errors import ImageError, StoreError, UnsafePathError
 from hpcckpt.image import format as F
 from hpcckpt.image.model import ImageSummary, SectionInfo
+from hpcckpt.image.parent import ResolveParent
 from hpcckpt.image.reader import walk
 
 _log = hlog.get("image")
@@ -137,8 +138,14 @@ def _open_dest(dest: Path) -> tuple[int, bool]:
     return fd, created
 
 
-def unpack_image(src: Path | str | BinaryIO, dest: Path | str) -> ImageSummary:
+def unpack_image(
+    src: Path | str | BinaryIO, dest: Path | str, resolve_parent: ResolveParent | None = None
+) -> ImageSummary:
     """Verify every byte of the image while writing its sections below ``dest``.
+
+    An incremental image's references are read from the images
+    ``resolve_parent`` (ckptid -> path) names, each chunk checked by its record
+    checksum and content hash, so ``dest`` gets the full CRIU image.
 
     ``dest`` must be missing or empty. On any failure nothing of the image is
     left in it (a directory this call created is removed again).
@@ -153,7 +160,7 @@ def unpack_image(src: Path | str | BinaryIO, dest: Path | str) -> ImageSummary:
         sink = _FileSink(stage_fd)
         try:
             try:
-                summary = walk(src, sink)
+                summary = walk(src, sink, resolve_parent)
                 sink.finish_dirs()
             finally:
                 sink.close()

@@ -1,0 +1,342 @@
+"""Incremental images: which chunks an earlier image already holds, and fetching them back.
+
+An incremental image stores a CHUNK_REF instead of a CHUNK when an earlier
+image of the chain already stores a CHUNK with the same content hash and
+length. Refs always name the image whose CHUNK record holds the bytes (one
+hop, never a ref to a ref), so restore reads each chunk from exactly one
+file and a chain can never loop.
+
+Two indexes, for the two sides:
+
+* :class:`ParentIndex` (writer): content hash -> where the bytes live. Built
+  from the parent image by reading only record headers and chunk headers
+  (seeking over the data), or handed over by ``pack_dir`` for the image it
+  just wrote, so the next checkpoint needs no read of the store at all.
+* :class:`ChunkSource` (reader): fetches and checks referenced chunks for
+  ``unpack_image``, or fully verifies every referenced image once for
+  ``verify_image``.
+
+Chain bookkeeping lives in the image header's ``meta.extra["chain"]``:
+``depth`` (incremental images since the last full one), ``base`` (ckptid of
+that full image), ``base_bytes`` (its size) and ``bytes_before`` (the sizes
+of the chain's images before this one, summed), so chain bounding works
+after a restart from the image alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import xxhash
+
+from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image import format as F
+from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.model import ImageMeta
+from hpcckpt.image.records import Readable, RecordReader, record_checksum
+
+#: ckptid -> path of that checkpoint's image (the catalog's answer, or a test's).
+ResolveParent = Callable[[int], Path]
+
+ChunkKey = tuple[bytes, int]  # (xxh3_128 digest, raw length)
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where a chunk's bytes are stored: a CHUNK record of image ``ckptid``."""
+
+    ckptid: int
+    section: str
+    offset: int  # in the section's file
+    length: int
+
+
+@dataclass
+class ParentIndex:
+    """What a new image may reference instead of storing: hash -> location.
+
+    ``depth``, ``base``, ``base_bytes`` and ``chain_bytes`` describe the chain
+    ending with this image, for chain bounding (:mod:`hpcckpt.pipeline.chain`).
+    """
+
+    ckptid: int
+    job_id: str = ""
+    uid: int = 0
+    depth: int = 0  # 0: a full image
+    base: int = 0  # ckptid of the chain's full image
+    base_bytes: int = 0
+    chain_bytes: int = 0  # image bytes from the base to this image, both included
+    chunks: dict[ChunkKey, ChunkLocation] = field(default_factory=dict)
+
+    def lookup(self, digest: bytes, length: int) -> ChunkLocation | None:
+        return self.chunks.get((digest, length))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def ckptids(self) -> frozenset[int]:
+        """Every image a ref made through this index may name."""
+        return frozenset(loc.ckptid for loc in self.chunks.values())
+
+    def chain_extra(self) -> dict[str, Any]:
+        """``meta.extra["chain"]`` for a child image packed against this index."""
+        return {
+            "depth": self.depth + 1,
+            "base": self.base,
+            "base_bytes": self.base_bytes,
+            "bytes_before": self.chain_bytes,
+            "depends_on": sorted(self.ckptids),
+        }
+
+    @classmethod
+    def from_image(cls, path: Path | str) -> ParentIndex:
+        """Index an image by its chunk headers only (seeks over the data: cheap).
+
+        The bytes are not checked here; every referenced chunk is checked by
+        its record checksum and content hash when it is read back.
+        """
+        with _open(Path(path)) as f:
+            meta, scan = _scan(f, os.fspath(path))
+            if meta.ckptid <= 0:
+                raise UnsupportedImageError(
+                    f"{path}: image has ckptid {meta.ckptid}; only catalogued checkpoints can be parents",
+                    hint="pack a full image instead",
+                )
+            chain = chain_info(meta, os.fspath(path))
+            size = os.fstat(f.fileno()).st_size
+            idx = cls(
+                ckptid=meta.ckptid, job_id=meta.job_id, uid=meta.uid, depth=chain["depth"],
+                base=chain["base"] or meta.ckptid, base_bytes=chain["base_bytes"] or size,
+                chain_bytes=chain["bytes_before"] + size,
+            )
+            for item in scan:
+                if item.length >= F.MIN_REF:
+                    owner = meta.ckptid if item.ref is None else item.ref
+                    idx.chunks.setdefault(
+                        (item.digest, item.length), ChunkLocation(owner, item.section, item.offset, item.length)
+                    )
+        return idx
+
+
+def chain_info(meta: ImageMeta, where: str) -> dict[str, int]:
+    """The header's chain bookkeeping, type-checked (zeros for a full image)."""
+    raw = meta.extra.get("chain")
+    out = {"depth": 0, "base": 0, "base_bytes": 0, "bytes_before": 0}
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        raise CorruptImageError("header meta.extra.chain is not an object", path=where)
+    for key in out:
+        val = raw.get(key, 0)
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise CorruptImageError(f"header meta.extra.chain.{key} is not a non-negative integer", path=where)
+        out[key] = val
+    return out
+
+
+# --- scanning an image's chunk headers --------------------------------------
+
+
+@dataclass
+class _Scanned:
+    section: str
+    offset: int
+    length: int
+    digest: bytes
+    ref: int | None  # ckptid for a CHUNK_REF, None for a CHUNK
+    rec_offset: int
+    rec_index: int
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[BinaryIO]:
+    try:
+        # O_NOFOLLOW: root may resolve parents inside a user's job dir
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise UnreadableImageError(f"{path}: parent image is missing", hint="the chain is broken; "
+                                   "resume from a full checkpoint (hpcckpt list JOBID)") from exc
+    except OSError as exc:
+        raise UnreadableImageError(f"{path}: cannot open parent image: {exc.strerror}") from exc
+    f = os.fdopen(fd, "rb", buffering=64 << 10)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _scan(f: BinaryIO, name: str) -> tuple[ImageMeta, Iterator[_Scanned]]:
+    """The image's header, and its chunks' and refs' headers in order."""
+    from hpcckpt.image.reader import parse_header  # the reader imports this module
+
+    r = RecordReader(cast(Readable, f), name)
+    r.read_preamble()
+    meta, _ = parse_header(r, r.next_record())
+    return meta, _scan_body(f, name, r.offset, r.index)
+
+
+def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Scanned]:
+    section = ""
+    while True:
+        f.seek(offset)
+        head = f.read(F.RECORD_HEADER.size)
+        if len(head) != F.RECORD_HEADER.size:
+            raise CorruptImageError("truncated record header", path=name, offset=offset, record=index)
+        rtype, _flags, length, checksum = F.RECORD_HEADER.unpack(head)
+        if length > F.MAX_PAYLOAD:
+            raise CorruptImageError(f"record length {length} exceeds {F.MAX_PAYLOAD}", path=name,
+                                    offset=offset, record=index)
+        if rtype == F.T_TRAILER:
+            return
+        if rtype in (F.T_SECTION_BEGIN, F.T_CHUNK_REF):
+            payload = f.read(length)  # small records: check them whole
+            if len(payload) != length or record_checksum(index, head[:8], [payload]) != checksum:
+                raise CorruptImageError("checksum mismatch", path=name, offset=offset, record=index,
+                                        rtype=F.type_name(rtype))
+            if rtype == F.T_SECTION_BEGIN:
+                section = payload[F.SECTION_BEGIN.size :].decode("utf-8", "surrogateescape")
+            elif len(payload) == F.CHUNK_REF.size:
+                _, _, ckptid, off, raw_len, digest = F.CHUNK_REF.unpack(payload)
+                yield _Scanned(section, off, raw_len, digest, ckptid, offset, index)
+        elif rtype == F.T_CHUNK and length >= F.CHUNK.size:
+            fixed = f.read(F.CHUNK.size)
+            if len(fixed) == F.CHUNK.size:
+                _, _, _, _, off, raw_len, digest = F.CHUNK.unpack(fixed)
+                yield _Scanned(section, off, raw_len, digest, None, offset, index)
+        offset += F.RECORD_HEADER.size + length
+        index += 1
+
+
+# --- reading referenced chunks back -----------------------------------------
+
+
+class _Image:
+    """One referenced image: its open file and the location of each stored chunk."""
+
+    def __init__(self, ckptid: int, path: Path, child: ImageMeta, child_name: str) -> None:
+        self.path = path
+        self.name = os.fspath(path)
+        self._ctx = _open(path)
+        self.f = self._ctx.__enter__()
+        try:
+            meta, scan = _scan(self.f, self.name)
+            if meta.ckptid != ckptid:
+                raise CorruptImageError(
+                    f"is checkpoint {meta.ckptid}, but {child_name} refers to checkpoint {ckptid} here",
+                    path=self.name, offset=0, hint="the catalog points to the wrong file; run 'hpcckpt catalog check'",
+                )
+            if meta.uid != child.uid:
+                raise CorruptImageError(
+                    f"belongs to uid {meta.uid}, but {child_name} (uid {child.uid}) refers to it",
+                    path=self.name, offset=0, hint="an image may only refer to images of its own user",
+                )
+            self.meta = meta
+            self.stored: dict[ChunkKey, tuple[int, int]] = {}
+            for item in scan:
+                if item.ref is None:
+                    self.stored.setdefault((item.digest, item.length), (item.rec_offset, item.rec_index))
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, digest: bytes, length: int, child_name: str) -> bytes | memoryview:
+        where = self.stored.get((digest, length))
+        if where is None:
+            raise CorruptImageError(
+                f"does not store the chunk ({length} bytes, hash {digest.hex()}) that {child_name} refers to",
+                path=self.name, hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)",
+            )
+        rec_offset, rec_index = where
+        self.f.seek(rec_offset)
+        head = self.f.read(F.RECORD_HEADER.size)
+        rtype, _flags, plen, checksum = F.RECORD_HEADER.unpack(head)
+        payload = self.f.read(plen)
+        bad = len(payload) != plen or record_checksum(rec_index, head[:8], [payload]) != checksum
+        if bad or rtype != F.T_CHUNK:
+            raise CorruptImageError("checksum mismatch in a referenced chunk", path=self.name,
+                                    offset=rec_offset, record=rec_index, rtype="chunk")
+        _, codec, _, _, _, raw_len, stored_digest = F.CHUNK.unpack_from(payload)
+        try:
+            raw = decompress(codec, memoryview(payload)[F.CHUNK.size :], raw_len)
+        except CodecError as exc:
+            raise CorruptImageError(str(exc), path=self.name, offset=rec_offset, record=rec_index,
+                                    rtype="chunk") from exc
+        if raw_len != length or stored_digest != digest or xxhash.xxh3_128_digest(raw) != digest:
+            raise CorruptImageError("referenced chunk content hash mismatch", path=self.name,
+                                    offset=rec_offset, record=rec_index, rtype="chunk")
+        return raw
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+
+class ChunkSource:
+    """Gives the reader the bytes (unpack) or the certainty (verify) behind each CHUNK_REF."""
+
+    def __init__(self, resolve_parent: ResolveParent | None, child: ImageMeta, child_name: str,
+                 *, verify_whole: bool, verified: dict[int, set[ChunkKey]] | None = None) -> None:
+        self._resolve = resolve_parent
+        self._child = child
+        self._child_name = child_name
+        self._verify_whole = verify_whole
+        self._open: dict[int, _Image] = {}
+        # shared along a chain, so each image is verified once however many children refer to it
+        self._verified: dict[int, set[ChunkKey]] = {} if verified is None else verified
+        self.parents: set[int] = set()
+        self.ref_bytes = 0
+
+    def _path(self, ckptid: int) -> Path:
+        if self._resolve is None:
+            raise UnsupportedImageError(
+                f"{self._child_name}: incremental image (refers to checkpoint {ckptid}); "
+                "reading it needs its parent images",
+                hint="use 'hpcckpt verify CKPTID' or restore through the catalog, which find the parents",
+            )
+        return Path(self._resolve(ckptid))
+
+    def get(self, ckptid: int, digest: bytes, length: int) -> bytes | memoryview | None:
+        """The referenced bytes (unpack), or None once the chunk is known good (verify)."""
+        self.parents.add(ckptid)
+        self.ref_bytes += length
+        if self._verify_whole:
+            if ckptid not in self._verified:
+                self._verified[ckptid] = self._verify(ckptid)
+            if (digest, length) not in self._verified[ckptid]:
+                raise CorruptImageError(
+                    f"refers to a chunk ({length} bytes, hash {digest.hex()}) that checkpoint {ckptid} "
+                    "does not store", path=self._child_name,
+                    hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)",
+                )
+            return None
+        img = self._open.get(ckptid)
+        if img is None:
+            img = self._open[ckptid] = _Image(ckptid, self._path(ckptid), self._child, self._child_name)
+        return img.read(digest, length, self._child_name)
+
+    def _verify(self, ckptid: int) -> set[ChunkKey]:
+        """Verify the whole referenced image (and its own chain); its stored chunk keys."""
+        from hpcckpt.image.reader import verify_chain_member
+
+        path = self._path(ckptid)
+        summary, stored = verify_chain_member(path, self._resolve, self._verified)
+        if summary.meta.ckptid != ckptid or summary.meta.uid != self._child.uid:
+            raise CorruptImageError(
+                f"is checkpoint {summary.meta.ckptid} of uid {summary.meta.uid}, but {self._child_name} "
+                f"refers to checkpoint {ckptid} of uid {self._child.uid}", path=os.fspath(path),
+                hint="the catalog points to the wrong file; run 'hpcckpt catalog check'",
+            )
+        if summary.errors:
+            raise CorruptImageError(f"records a failed checkpoint, yet {self._child_name} refers to it",
+                                    path=os.fspath(path))
+        return stored
+
+    def close(self) -> None:
+        for img in self._open.values():
+            img.close()
+        self._open.clear()
