@@ -36,15 +36,21 @@ def register(sub: Any) -> None:
     p = sub.add_parser("slurm", help="Slurm hook entry points (Prolog, Epilog, EpilogSlurmctld)",
                        description=DESCRIPTION, formatter_class=formatter())
     hooks = p.add_subparsers(dest="hook", metavar="HOOK", required=True)
-    for name, helptext in (
-        ("prolog", "node Prolog: prepare dirs, save job settings, check the node"),
-        ("epilog", "node Epilog: salvage or abort a publish in flight, clean staging"),
-        ("ctld-epilog", "EpilogSlurmctld: restart decision by policy"),
+    for name, helptext, example in (
+        ("prolog", "node Prolog: prepare dirs, save job settings, check the node",
+         "SLURM_JOB_ID=4242 SLURM_JOB_UID=1000 SLURMD_NODENAME=node1 hpcckpt slurm prolog"),
+        ("epilog", "node Epilog: salvage or abort a publish in flight, clean staging",
+         "SLURM_JOB_ID=4242 SLURM_JOB_UID=1000 SLURMD_NODENAME=node1 hpcckpt slurm epilog"),
+        ("ctld-epilog", "EpilogSlurmctld: restart decision by policy",
+         "SLURM_JOB_ID=4242 SLURM_JOB_UID=1000 SLURM_JOB_EXIT_CODE2=0:15 hpcckpt slurm ctld-epilog"),
     ):
-        h = hooks.add_parser(name, help=helptext, description=helptext + ". Reads the SLURM_* environment.")
+        h = hooks.add_parser(name, help=helptext, description=helptext + ". Reads the SLURM_* environment.",
+                             epilog=f"example (as root, by hand):\n  {example}", formatter_class=formatter())
         h.set_defaults(func=run_hook)
     e = hooks.add_parser("env", help="print the parsed SLURM_* environment",
-                         description="Print what Slurm tells this job, parsed (SLURM_JOB_ID must be set).")
+                         description="Print what Slurm tells this job, parsed (SLURM_JOB_ID must be set).",
+                         epilog="examples:\n  hpcckpt slurm env\n  srun hpcckpt slurm env --json",
+                         formatter_class=formatter())
     add_json_arg(e)
     e.set_defaults(func=run_env)
 

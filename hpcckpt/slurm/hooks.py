@@ -34,7 +34,7 @@ from typing import Any
 from hpcckpt import fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
-from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError
+from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError, UnsafePathError
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import Action, JobOutcome, Kind, RestartDecision, RestartRules, decide
@@ -72,11 +72,12 @@ def default_deps() -> HookDeps:
     """The real collaborators, configured by the site policy and the hook env file."""
     from hpcckpt.catalog import open_catalog
     from hpcckpt.context import resolve_catalog_url
-    from hpcckpt.policy import load_policy
+    from hpcckpt.policy import build_policy, site_policy_path
     from hpcckpt.slurm.nodecheck import node_problems
 
-    # Hooks act for the site: only the site policy counts, never a user's file.
-    pol = load_policy(user_file=None)
+    # Hooks act for the site: only the site policy counts, never a user's file,
+    # not even one named by $HPCCKPT_POLICY in the hook's environment.
+    pol = build_policy(None, site_policy_path(), {})
     store = os.environ.get("HPCCKPT_STORE") or pol.storage.root
     staging = os.environ.get("HPCCKPT_STAGING") or pol.storage.staging
     return HookDeps(
@@ -134,6 +135,13 @@ def _job_user(env: SlurmEnv, deps: HookDeps) -> User | None:
 
 
 def job_dir(root: Path, user: User, job_id: str) -> Path:
+    # A user name is a path component under a root-owned tree: '.', '' or 'a/b'
+    # would make root create directories outside that user's own.
+    if not fsutil.is_safe_component(user.name):
+        raise UnsafePathError(
+            f"user name {user.name!r} (uid {user.uid}) cannot name a store directory",
+            hint="fix the passwd entry; hpcckpt refuses to create directories for it",
+        )
     return root / user.name / fsutil.safe_job_component(job_id)
 
 
