@@ -1,17 +1,58 @@
-"""`hpcckpt checkpoint` (not yet implemented)."""
+"""`hpcckpt checkpoint`: ask a running job's runner for a checkpoint now."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from hpcckpt.errors import UsageError
+from hpcckpt.cli.common import add_json_arg, formatter, print_json
+from hpcckpt.errors import EngineError, HpcckptError
+
+HELP = """\
+Ask the runner of job JOBID (on this node, over its control socket) for a
+checkpoint now, and print the new checkpoint id. With --and-stop, the job is
+ended once its image is committed (for preemption or migration; if the
+checkpoint fails the job goes on running).
+
+examples:
+  hpcckpt checkpoint 4242
+  hpcckpt checkpoint --and-stop 4242 && scontrol requeue 4242
+  hpcckpt checkpoint --json mysim
+
+exit codes: 0 done; 8 the checkpoint failed (the job runs on); 14 no runner
+  for JOBID on this node; 7 store error; 6 catalog error.
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("checkpoint", help="(not yet implemented)")
+    p = sub.add_parser("checkpoint", help="checkpoint a running job now", description=HELP,
+                       formatter_class=formatter())
+    p.add_argument("job_id", metavar="JOBID")
+    p.add_argument("--and-stop", action="store_true", help="end the job after its checkpoint is committed")
+    p.add_argument("--deadline", type=float, metavar="S", help="give up (committing nothing) after S seconds")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                   help="how long to wait for the runner's answer (default 900)")
+    add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UsageError("'hpcckpt checkpoint' is not implemented yet")
+    from hpcckpt.runner.control import request
+
+    doc: dict[str, Any] = {"op": "checkpoint", "stop": bool(args.and_stop)}
+    if args.deadline is not None:
+        doc["deadline"] = args.deadline
+    ans = request(args.job_id, doc, timeout=args.timeout)
+    if not ans.get("ok"):
+        err: HpcckptError = EngineError(f"job {args.job_id}: {ans.get('error', 'checkpoint failed')}",
+                                        log_excerpt=str(ans.get("excerpt", "")))
+        err.exit_code = int(ans.get("exit_code", err.exit_code))
+        if ans.get("excerpt"):
+            sys.stderr.write(str(ans["excerpt"]) + "\n")
+        raise err
+    if args.json:
+        print_json(ans)
+    else:
+        print(ans["ckptid"])
+    return 0

@@ -1,17 +1,80 @@
-"""`hpcckpt run` (not yet implemented)."""
+"""`hpcckpt run`: start a job under checkpointing (or resume it after a requeue)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from hpcckpt.cli.common import add_store_args, formatter
 from hpcckpt.errors import UsageError
+
+HELP = """\
+Start COMMAND as pid 1 of a new PID namespace, checkpoint its whole process
+tree with CRIU every interval while it runs, and exit with its exit status.
+Its stdout and stderr are appended to hpcckpt's own (the job's output files).
+
+In a Slurm job that was requeued (SLURM_RESTART_COUNT > 0) the job's latest
+valid image is restored instead of starting COMMAND. On SIGTERM or the
+warning signal (policy preemption.signals, default TERM and USR1) a final
+checkpoint is taken and hpcckpt exits 85 so that Slurm requeues the job
+(RequeueExit=85 in slurm.conf).
+
+examples:
+  hpcckpt run --interval 10m -- ./simulate input.nml
+  hpcckpt run --job-id mysim --interval 30 -- python train.py
+  hpcckpt run --job-id mysim --resume-if-possible -- python train.py   # goes on from mysim's image
+  # in a batch script (exec, so that Slurm's signals reach hpcckpt):
+  #   #SBATCH --requeue --signal=B:USR1@120
+  #   exec hpcckpt run -- ./simulate
+
+exit codes: the job's own status; 128+N if it was killed by signal N;
+  85 checkpointed and stopped (requeue me); 2 usage; 3 policy; 8 CRIU could
+  not start the job; 9/4 a resume was refused or its images were corrupt.
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("run", help="(not yet implemented)")
+    p = sub.add_parser("run", help="run a job with periodic checkpoints", description=HELP,
+                       formatter_class=formatter())
+    p.add_argument("--interval", metavar="S", help="seconds between checkpoints (600, 10m, 1h, auto); "
+                   "default: the policy's interval")
+    p.add_argument("--job-id", metavar="ID", help="job id outside Slurm (default: the Slurm job id, or generated)")
+    p.add_argument("--resume-if-possible", action="store_true",
+                   help="if this job id already has a committed image, restore it instead of starting COMMAND")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="seconds a final checkpoint may take after SIGTERM (default: policy grace_time - margin)")
+    p.add_argument("--signal", action="append", metavar="SIG", dest="signals",
+                   help="preemption signal (repeatable; default: policy preemption.signals, TERM and USR1)")
+    p.add_argument("--engine", choices=("criu", "app"), default=None,
+                   help="criu: transparent (default); app: application-assisted, files only")
+    p.add_argument("--app-files", action="append", metavar="GLOB", default=[],
+                   help="with --engine app: files that make up the application's checkpoint (repeatable)")
+    p.add_argument("--app-signal", metavar="SIG", help="with --engine app: signal that asks the app to save")
+    add_store_args(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the job to run")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UsageError("'hpcckpt run' is not implemented yet")
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
+    args.command = argv
+    if args.engine == "app":
+        from pathlib import Path
+
+        from hpcckpt.app.files_engine import run_files_engine
+        from hpcckpt.policy import load_policy
+
+        cli = {"interval": args.interval} if args.interval else None
+        pol = load_policy(user_file=Path(args.policy) if args.policy else None, cli=cli)
+        return run_files_engine(args, pol)
+    if args.app_files or args.app_signal:
+        raise UsageError("--app-files and --app-signal need --engine app")
+    from hpcckpt.runner.session import SessionOptions, run_job
+
+    opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
+                          deadline=args.deadline, signals=args.signals)
+    return run_job(argv, opts, job_id=args.job_id, resume_if_possible=args.resume_if_possible)

@@ -54,6 +54,10 @@ class RestoreResult:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+# What becomes of the tree once its dump is written.
+AFTER_DUMP = ("running", "stopped", "kill")
+
+
 class CheckpointEngine(Protocol):
     name: str
 
@@ -65,7 +69,7 @@ class CheckpointEngine(Protocol):
         images_dir: Path,
         *,
         options: DumpOptions,
-        leave_running: bool = True,
+        after: str = "running",
         timeout: float | None = None,
     ) -> DumpResult: ...
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcckpt import log as hlog
-from hpcckpt.engine.base import DumpOptions, DumpResult, RestoreResult
+from hpcckpt.engine.base import AFTER_DUMP, DumpOptions, DumpResult, RestoreResult
 from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError
 
 _log = hlog.get("engine.criu")
@@ -194,14 +194,22 @@ class Criu:
         images_dir: Path,
         *,
         options: DumpOptions,
-        leave_running: bool = True,
+        after: str = "running",
         timeout: float | None = None,
     ) -> DumpResult:
-        """Freeze the tree rooted at host pid ``pid`` and write it to ``images_dir``."""
+        """Freeze the tree rooted at host pid ``pid`` and write it to ``images_dir``.
+
+        ``after``: ``"running"`` thaws the tree, ``"stopped"`` leaves every task
+        SIGSTOPped (the caller reads /proc, then sends SIGCONT), ``"kill"`` ends it.
+        """
+        if after not in AFTER_DUMP:
+            raise ValueError(f"after must be one of {AFTER_DUMP}, not {after!r}")
         log_name = "dump.log"
         args = ["dump", "-t", str(pid), "-D", str(images_dir), "-o", log_name, *self._common(options)]
-        if leave_running:
+        if after == "running":
             args.append("--leave-running")
+        elif after == "stopped":
+            args.append("--leave-stopped")
         res = self._run(args, timeout=timeout, what=f"criu dump of pid {pid}")
         log_path = images_dir / log_name
         if res.rc != 0:

@@ -1,0 +1,270 @@
+"""Bring a job back from its latest valid image, falling back to older ones.
+
+For each candidate image, newest first (or only the one asked for):
+
+1. verify every byte of it (``verify_image``) before CRIU sees any of it;
+2. check this node can run it: architecture and kernel from the header,
+   then the job's open files (pure logic in :func:`plan_files`);
+3. unpack it into a fresh private staging directory (verifying again, as
+   the bytes on disk could change between the two reads);
+4. check the ids inside the CRIU images and the owner (``authorize_restore``),
+   then ``criu cpuinfo check``;
+5. only then fix up grown output files (policy ``restore.grown_files``) and
+   run ``criu restore`` with fresh stdout/stderr pipes handed in with
+   ``--inherit-fd``.
+
+A corrupt image, or a restore that CRIU refuses, makes us say so and try
+the one before it. A node or file mismatch (:class:`IncompatibleError`)
+does not: older images of the same job need the same node and files, and
+the user must be told what differs rather than be given an older state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcckpt import log as hlog
+from hpcckpt.catalog import Catalog, CkptRecord
+from hpcckpt.context import User
+from hpcckpt.engine.base import CheckpointEngine, DumpOptions
+from hpcckpt.errors import (
+    EngineError,
+    HpcckptError,
+    ImageError,
+    IncompatibleError,
+    NotFoundError,
+    PermissionDeniedError,
+    UsageError,
+)
+from hpcckpt.fsutil import ensure_private_dir
+from hpcckpt.image import ImageSummary, OpenFile, unpack_image, verify_image
+from hpcckpt.runner.launch import StdioPipes
+from hpcckpt.security import authorize_restore
+
+_log = hlog.get("resume")
+GROWN_CHOICES = ("truncate", "keep", "refuse")
+
+
+@dataclass
+class FileState:
+    """What a path is now: ``None`` fields mean it does not exist."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    dev: int
+
+
+@dataclass
+class FilePlan:
+    truncate: list[tuple[str, int, int]] = field(default_factory=list)  # (path, size, inode)
+    problems: list[str] = field(default_factory=list)
+
+
+def _stat(path: str) -> FileState | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return FileState(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def plan_files(
+    files: Sequence[OpenFile], grown: str, stat: Callable[[str], FileState | None] = _stat
+) -> FilePlan:
+    """What to do about each file the job had open; every problem is collected, not just the first."""
+    if grown not in GROWN_CHOICES:
+        raise UsageError(f"restore.grown_files must be one of {', '.join(GROWN_CHOICES)}, not {grown!r}")
+    by_path: dict[str, list[OpenFile]] = {}
+    for f in files:
+        by_path.setdefault(f.path, []).append(f)
+    plan = FilePlan()
+    for path, recs in sorted(by_path.items()):
+        rec = max(recs, key=lambda r: r.size)
+        writer = any(r.mode != "r" for r in recs)
+        now = stat(path)
+        if now is None:
+            plan.problems.append(f"{path}: the job had it open but it no longer exists")
+            continue
+        if rec.inode and now.inode != rec.inode and now.dev == rec.dev:
+            plan.problems.append(f"{path}: was replaced by another file since the checkpoint (inode "
+                                 f"{rec.inode} -> {now.inode})")
+            continue
+        if now.size < rec.size:
+            plan.problems.append(f"{path}: shrank from {rec.size} to {now.size} bytes since the checkpoint")
+            continue
+        if not writer:
+            if now.size != rec.size or now.mtime_ns != rec.mtime_ns:
+                plan.problems.append(f"{path}: the job reads this file and it changed since the checkpoint "
+                                     f"(size {rec.size} -> {now.size})")
+            continue
+        if now.size > rec.size:
+            if grown == "refuse":
+                plan.problems.append(f"{path}: grew from {rec.size} to {now.size} bytes since the checkpoint "
+                                     "(policy restore.grown_files is 'refuse')")
+            elif grown == "truncate":
+                plan.truncate.append((path, rec.size, now.inode))
+    return plan
+
+
+def truncate_file(path: str, size: int, inode: int) -> None:
+    """Cut ``path`` back to ``size``, never through a symlink and only if it is still that inode."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_ino != inode:
+            raise IncompatibleError(f"{path}: was replaced while preparing the restore")
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_system(summary: ImageSummary) -> None:
+    header = summary.header
+    arch = header.get("arch") or header.get("machine")
+    here = os.uname()
+    if arch and arch != here.machine:
+        raise IncompatibleError(f"the image was taken on {arch} and this node is {here.machine}",
+                                hint="resume it on a node of the same architecture")
+
+
+@dataclass
+class Restored:
+    pid: int
+    ckptid: int
+    record: CkptRecord
+    summary: ImageSummary
+    pipes: StdioPipes
+    fallbacks: list[str]
+    restore_s: float
+
+    @property
+    def interval(self) -> float | None:
+        v = self.summary.meta.extra.get("interval")
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+class Resumer:
+    def __init__(
+        self,
+        *,
+        engine: CheckpointEngine,
+        catalog: Catalog,
+        user: User,
+        staging_root: Path,
+        options: DumpOptions,
+        grown_files: str = "truncate",
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.user = user
+        self.staging_root = staging_root
+        self.options = options
+        self.grown_files = grown_files
+
+    def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
+        if ckptid is not None:
+            rec = self.catalog.get(ckptid)
+            if rec is None or rec.job_id != job_id or (rec.uid != self.user.uid and not self.user.is_root):
+                raise NotFoundError(f"job {job_id} has no checkpoint {ckptid}",
+                                    hint=f"see 'hpcckpt list {job_id}'")
+            if rec.status != "committed":
+                raise NotFoundError(f"checkpoint {ckptid} of job {job_id} is {rec.status}, not committed")
+            return [rec]
+        recs = self.catalog.committed(job_id, uid=None if self.user.is_root else self.user.uid)
+        if not recs:
+            raise NotFoundError(f"job {job_id} has no committed checkpoint",
+                                hint="see 'hpcckpt list'; checkpoints are filed under the Slurm job id or --job-id")
+        return recs
+
+    def resume(self, job_id: str, ckptid: int | None = None) -> Restored:
+        fallbacks: list[str] = []
+        last: HpcckptError | None = None
+        for rec in self.candidates(job_id, ckptid):
+            try:
+                restored = self._try(rec)
+            except (ImageError, EngineError) as err:
+                msg = f"checkpoint {rec.ckptid} of job {job_id} cannot be restored: {err}"
+                fallbacks.append(msg)
+                hlog.event(_log, "resume.fallback", msg + "; trying the one before it", 30, ckptid=rec.ckptid,
+                           excerpt=getattr(err, "log_excerpt", ""))
+                last = err
+                continue
+            restored.fallbacks = fallbacks
+            return restored
+        assert last is not None
+        if len(fallbacks) > 1:
+            last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
+        raise last
+
+    def _try(self, rec: CkptRecord) -> Restored:
+        image = Path(rec.path)
+        summary = verify_image(image)
+        check_system(summary)
+        plan = plan_files(summary.files, self.grown_files)
+        if plan.problems:
+            raise IncompatibleError(
+                f"checkpoint {rec.ckptid} of job {rec.job_id} does not match the job's files now:\n  "
+                + "\n  ".join(plan.problems),
+                hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
+            )
+        dest = self.staging_root / f"restore-{os.getpid()}-{rec.ckptid}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        ensure_private_dir(self.staging_root, self.user.uid, self.user.gid, base=self.staging_root.parent)
+        try:
+            unpack_image(image, dest)
+            owner = authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
+                                      allow_root=True)
+            if owner.uid != os.geteuid():
+                raise PermissionDeniedError(
+                    f"checkpoint {rec.ckptid} belongs to {owner.name}; a restore runs with the credentials of "
+                    "the user who asks for it",
+                    hint=f"run 'hpcckpt resume' as {owner.name} (for example from their batch job)",
+                )
+            if summary.meta.extra.get("cpuinfo"):
+                ok, why = self.engine.cpuinfo_check(dest)
+                if not ok:
+                    raise IncompatibleError(f"this node's CPU lacks features the checkpointed job uses:\n{why}",
+                                            hint="resume it on a node with the same CPU model (or newer)")
+            for path, size, inode in plan.truncate:
+                hlog.event(_log, "resume.truncated", f"{path}: cut back to its checkpointed size {size}",
+                           path=path, size=size)
+                truncate_file(path, size, inode)
+            pipes = StdioPipes.create()
+            stdio = summary.meta.extra.get("stdio") or {}
+            inherit = {}
+            if isinstance(stdio, dict):
+                for job_fd, ours in (("1", pipes.out_w), ("2", pipes.err_w)):
+                    if isinstance(stdio.get(job_fd), str):
+                        inherit[ours] = str(stdio[job_fd])
+            try:
+                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit)
+            except BaseException:
+                for fd in (pipes.out_r, pipes.err_r):
+                    os.close(fd)
+                pipes.close_write_ends()
+                raise
+            pipes.close_write_ends()
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{socket.gethostname()}",
+                                       new_job_id=os.environ.get("SLURM_JOB_ID"))
+        except HpcckptError as err:
+            hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
+        hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
+                   ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3))
+        return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
+                        fallbacks=[], restore_s=res.seconds)
+
+
+def describe(restored: Restored) -> dict[str, Any]:
+    return {"job_id": restored.record.job_id, "ckptid": restored.ckptid, "pid": restored.pid,
+            "fallbacks": restored.fallbacks, "restore_s": round(restored.restore_s, 3)}

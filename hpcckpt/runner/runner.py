@@ -1,0 +1,326 @@
+"""The runner's main loop: one thread decides everything, so no two checkpoints overlap.
+
+The loop sleeps in ``select`` on three things: a self-pipe that signal
+handlers write to (``signal.set_wakeup_fd``, so SIGCHLD, SIGTERM and friends
+wake it at once), the control socket, and the time of the next periodic
+checkpoint. Output pumping is the only other work, done by two threads that
+copy the job's stdout and stderr pipes onto the runner's own.
+
+Signals (:class:`SignalPlan`):
+
+* the preemption signals (policy ``preemption.signals``, default TERM and
+  USR1) take a final checkpoint within the deadline, end the job, and make
+  the runner exit with 85 (``EXIT_REQUEUE``). If no image could be
+  committed in time the job is still ended (the scheduler is taking the
+  node) and the runner exits 85 if an older image exists, else 128+signal.
+* every other catchable signal is passed on to the job. The job is pid 1 of
+  its namespace, and the kernel drops signals to a namespace's init that it
+  has no handler for; so when the job does not catch a signal whose default
+  is to terminate, the runner delivers it to the rest of the tree and ends
+  the job itself, reporting 128+signal as a shell would.
+
+Exit status: the job's own; 128+N if it was killed by signal N; 85 after a
+checkpoint-and-stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpcckpt import log as hlog
+from hpcckpt import procinfo
+from hpcckpt.checkpoint import Checkpointer, CheckpointResult, signal_tree
+from hpcckpt.errors import EXIT_REQUEUE, HpcckptError
+from hpcckpt.runner.control import ControlServer, reply
+
+_log = hlog.get("runner")
+
+# Signals the runner passes on: what a batch system or a user sends a job.
+FORWARDED = ("HUP", "INT", "QUIT", "USR1", "USR2", "ALRM", "TERM", "CONT", "TSTP", "WINCH", "XCPU")
+# Default action "terminate" (or core): a pid-1 job without a handler would ignore these.
+_TERMINATING = {"HUP", "INT", "QUIT", "USR1", "USR2", "ALRM", "TERM", "XCPU"}
+
+
+def signum(name: str) -> int:
+    name = name.upper().removeprefix("SIG")
+    return int(getattr(signal, f"SIG{name}"))
+
+
+def exit_status(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether task ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+@dataclass
+class SignalPlan:
+    preempt: set[int]
+    forward: set[int] = field(default_factory=set)
+
+    @classmethod
+    def from_names(cls, preempt: list[str]) -> SignalPlan:
+        pre = {signum(n) for n in preempt}
+        fwd = {signum(n) for n in FORWARDED} - pre
+        return cls(pre, fwd)
+
+
+class OutputPump(threading.Thread):
+    """Copies one of the job's pipes onto one of our descriptors until EOF."""
+
+    def __init__(self, src: int, dst: int, name: str) -> None:
+        super().__init__(name=f"pump-{name}", daemon=True)
+        self.src, self.dst = src, dst
+
+    def run(self) -> None:
+        try:
+            while True:
+                data = os.read(self.src, 1 << 16)
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    try:
+                        n = os.write(self.dst, view)
+                    except BlockingIOError:
+                        time.sleep(0.01)
+                        continue
+                    except OSError:
+                        return  # our own output is gone; the job must not block on it, so keep reading
+                    view = view[n:]
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.src)
+
+
+@dataclass
+class RunnerConfig:
+    job_id: str
+    interval: Callable[[list[float]], float | None]  # recent checkpoint costs -> next interval (None: never)
+    deadline_s: float  # time allowed for a final checkpoint after a preemption signal
+    signals: SignalPlan
+
+
+class Runner:
+    def __init__(self, cfg: RunnerConfig, checkpointer: Checkpointer, control: ControlServer | None) -> None:
+        self.cfg = cfg
+        self.ckpt = checkpointer
+        self.control = control
+        self.pid = -1
+        self.pumps: list[OutputPump] = []
+        self.costs: list[float] = []
+        self.last: CheckpointResult | None = None
+        self.committed_any = False
+        self._pending: list[int] = []
+        self._old_handlers: dict[int, Any] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._forced_status: int | None = None
+
+    # -- set-up --------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """Before the job starts: no signal may be lost between its start and the loop."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in [*self.cfg.signals.preempt, *self.cfg.signals.forward, signal.SIGCHLD]:
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, _frame: Any) -> None:
+        if sig != signal.SIGCHLD:
+            self._pending.append(sig)
+
+    def attach(self, pid: int, out_r: int, err_r: int) -> None:
+        self.pid = pid
+        self.pumps = [OutputPump(out_r, 1, "stdout"), OutputPump(err_r, 2, "stderr")]
+        for p in self.pumps:
+            p.start()
+
+    def restore_signals(self) -> None:
+        for sig, old in self._old_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, old)
+        signal.set_wakeup_fd(-1)
+
+    # -- the loop ------------------------------------------------------------
+
+    def loop(self) -> int:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if self.control is not None:
+            sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
+        interval = self.cfg.interval(self.costs)
+        next_at = time.monotonic() + interval if interval else None
+        try:
+            while True:
+                status = self._reap()
+                if status is not None:
+                    return self._finish(status)
+                while self._pending:
+                    sig = self._pending.pop(0)
+                    code = self._handle_signal(sig)
+                    if code is not None:
+                        return code
+                timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    if key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(self._wake_r, 512):
+                                pass
+                    elif key.data == "control" and self.control is not None:
+                        code = self._serve()
+                        if code is not None:
+                            return code
+                if next_at is not None and time.monotonic() >= next_at and self._reap(peek=True) is None:
+                    self._periodic()
+                    interval = self.cfg.interval(self.costs)
+                    next_at = time.monotonic() + interval if interval else None
+        finally:
+            sel.close()
+
+    def _reap(self, peek: bool = False) -> int | None:
+        if self._forced_status is not None and not peek:
+            return self._forced_status
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0 if self._forced_status is None else self._forced_status
+        if pid == 0:
+            return None
+        self._forced_status = status
+        return status
+
+    def _finish(self, status: int) -> int:
+        code = exit_status(status)
+        self._join_pumps()
+        hlog.event(_log, "runner.job_exited", f"job {self.cfg.job_id} ended with status {code}",
+                   job_id=self.cfg.job_id, status=code)
+        return code
+
+    def _join_pumps(self, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        for p in self.pumps:
+            p.join(max(0.0, end - time.monotonic()))
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def _periodic(self) -> None:
+        try:
+            self._take(final=False)
+        except HpcckptError as err:
+            hlog.event(_log, "runner.checkpoint_failed", f"periodic checkpoint failed: {err}; "
+                       "the job goes on, and the previous image stays the latest", 40)
+
+    def _take(self, *, final: bool, deadline: float | None = None) -> CheckpointResult:
+        res = self.ckpt.checkpoint(self.pid, final=final, deadline=deadline)
+        self.last = res
+        self.committed_any = True
+        self.costs = [*self.costs[-9:], res.total_s]
+        return res
+
+    def stop_after_checkpoint(self, deadline: float | None) -> tuple[CheckpointResult | None, str]:
+        """The final checkpoint; the job is ended whatever happens. Returns (result, error)."""
+        try:
+            res = self._take(final=True, deadline=deadline)
+            err = ""
+        except HpcckptError as exc:
+            res, err = None, str(exc)
+            hlog.event(_log, "runner.final_failed", f"final checkpoint failed: {exc}; ending the job anyway", 40)
+            signal_tree(list(reversed(procinfo.tree_pids(self.pid))), signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            _pid, status = os.waitpid(self.pid, 0)
+            self._forced_status = status
+        self._join_pumps()
+        return res, err
+
+    def _handle_signal(self, sig: int) -> int | None:
+        name = signal.Signals(sig).name
+        if sig in self.cfg.signals.preempt:
+            hlog.event(_log, "runner.preempted", f"{name}: final checkpoint of job {self.cfg.job_id} within "
+                       f"{self.cfg.deadline_s:.0f} s, then stop", signal=name)
+            res, _err = self.stop_after_checkpoint(time.monotonic() + self.cfg.deadline_s)
+            if res is not None or self.committed_any or self._has_older():
+                return EXIT_REQUEUE
+            return 128 + sig
+        self._forward(sig)
+        return None
+
+    def _has_older(self) -> bool:
+        try:
+            return self.ckpt.catalog.latest(self.cfg.job_id, uid=self.ckpt.job.user.uid) is not None
+        except HpcckptError:
+            return False
+
+    def _forward(self, sig: int) -> None:
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        if catches(self.pid, sig) or name not in _TERMINATING:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            return
+        hlog.event(_log, "runner.signal_kill", f"the job does not handle SIG{name}; ending it as the default "
+                   "action would", signal=name)
+        pids = procinfo.tree_pids(self.pid)
+        signal_tree(pids[1:], sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self._forced_status = sig  # reported as killed by sig: 128+sig
+
+    # -- control requests ----------------------------------------------------
+
+    def _serve(self) -> int | None:
+        assert self.control is not None
+        got = self.control.accept()
+        if got is None:
+            return None
+        conn, req = got
+        op = req.get("op")
+        if op == "status":
+            reply(conn, {"ok": True, "job_id": self.cfg.job_id, "pid": self.pid,
+                         "last": None if self.last is None else self.last.to_dict()})
+            return None
+        if op != "checkpoint":
+            reply(conn, {"ok": False, "error": f"unknown op {op!r}", "exit_code": 2})
+            return None
+        stop = bool(req.get("stop"))
+        if stop:
+            deadline = req.get("deadline")
+            dl = time.monotonic() + float(deadline) if isinstance(deadline, (int, float)) else None
+            try:
+                res = self._take(final=True, deadline=dl)
+            except HpcckptError as err:  # --and-stop that failed: the job was thawed and runs on
+                reply(conn, {"ok": False, "error": str(err), "exit_code": err.exit_code,
+                             "excerpt": getattr(err, "log_excerpt", "")})
+                return None
+            with contextlib.suppress(ChildProcessError):
+                _pid, status = os.waitpid(self.pid, 0)
+                self._forced_status = status
+            self._join_pumps()
+            reply(conn, {"ok": True, "stopped": True, **res.to_dict()})
+            return EXIT_REQUEUE
+        try:
+            res = self._take(final=False)
+        except HpcckptError as err:
+            reply(conn, {"ok": False, "error": str(err), "exit_code": err.exit_code,
+                         "excerpt": getattr(err, "log_excerpt", "")})
+            return None
+        reply(conn, {"ok": True, **res.to_dict()})
+        return None
