@@ -166,7 +166,7 @@ def apply_retention(
         cat.mark_deleted(rec.ckptid)
         try:
             if rec.path:
-                store.remove(Path(rec.path))
+                store.remove_checkpoint(Path(rec.path))
         except (OSError, StoreError) as exc:
             result.errors.append(f"{rec.path}: {exc}")
         hlog.event(

@@ -48,7 +48,10 @@ from hpcckpt.fsutil import (
 )
 
 IMAGE_SUFFIX = ".hck"
-_IMAGE_NAME = re.compile(r"ckpt-([1-9][0-9]*)\.hck")
+# Companion files belong to a checkpoint without being its image, such as the
+# per-rank shards of an application-assisted checkpoint (``ckpt-N.r3.hck``):
+# they live and die with checkpoint N.
+_IMAGE_NAME = re.compile(r"ckpt-([1-9][0-9]*)(?:\.([a-z][a-z0-9]{0,15}))?\.hck")
 _log = hlog.get("store")
 
 #: Steps of a publish, in order; ``step_hook`` is called after each (crash tests kill here).
@@ -60,8 +63,15 @@ def image_name(ckptid: int) -> str:
 
 
 def parse_image_name(name: str) -> int | None:
+    """The ckptid of a checkpoint's image file name; None for anything else (companions included)."""
     m = _IMAGE_NAME.fullmatch(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and m.group(2) is None else None
+
+
+def parse_store_name(name: str) -> tuple[int, str | None] | None:
+    """(ckptid, companion tag or None) for an image or companion file name."""
+    m = _IMAGE_NAME.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def writer_identity() -> dict[str, Any]:
@@ -278,10 +288,29 @@ class Store:
                 if fname.startswith(TEMP_PREFIX):
                     out.append(StoreEntry(path, None, True, st.st_size, st.st_mtime))
                 else:
-                    ckptid = parse_image_name(fname)
-                    if ckptid is not None:
-                        out.append(StoreEntry(path, ckptid, False, st.st_size, st.st_mtime))
+                    parsed = parse_store_name(fname)
+                    if parsed is not None:
+                        out.append(StoreEntry(path, parsed[0], False, st.st_size, st.st_mtime, parsed[1]))
         return out
+
+    def remove_checkpoint(self, image: Path) -> list[Path]:
+        """Unlink a checkpoint's image and its companion files; returns what was removed."""
+        image = Path(image)
+        ckptid = parse_image_name(image.name)
+        if ckptid is None:
+            raise UnsafePathError(f"{image}: not a checkpoint image name")
+        removed = [image] if self.remove(image) else []
+        try:
+            names = os.listdir(image.parent)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            parsed = parse_store_name(name)
+            if parsed is not None and parsed[0] == ckptid and parsed[1] is not None:
+                path = image.parent / name
+                if self.remove(path):
+                    removed.append(path)
+        return removed
 
     def remove(self, path: Path) -> bool:
         """Unlink one file of this store through its directory fd; False if already gone."""
@@ -313,3 +342,4 @@ class StoreEntry:
     temp: bool
     size: int
     mtime: float
+    companion: str | None = None  # e.g. "r3" for rank 3's shard of an app checkpoint

@@ -65,7 +65,7 @@ def check_consistency(
     rows = user_rows(cat, store) if rows is None else rows
     entries = store.scan() if entries is None else entries
     by_id = {r.ckptid: r for r in rows}
-    files = {e.ckptid: e for e in entries if not e.temp and e.ckptid is not None}
+    files = {e.ckptid: e for e in entries if not e.temp and e.ckptid is not None and e.companion is None}
     out: list[Finding] = []
 
     for r in rows:

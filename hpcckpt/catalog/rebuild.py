@@ -84,7 +84,7 @@ def rebuild_catalog(
     existing = {r.ckptid for r in cat.list(uid=store.user.uid, include_deleted=True)}
     new: list[CkptRecord] = []
     for e in store.scan():
-        if e.temp or e.ckptid is None:
+        if e.temp or e.ckptid is None or e.companion is not None:
             continue
         if e.ckptid in existing:
             report.present.append(e.ckptid)

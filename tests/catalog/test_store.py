@@ -159,3 +159,36 @@ def test_root_never_writes_through_a_users_planted_journal_link(store_root: Path
     finally:
         cat.close()
     assert victim.read_bytes() == b"precious"
+
+
+def test_companion_files_live_and_die_with_their_checkpoint(cat: Catalog, store_root: Path, me: User) -> None:
+    from hpcckpt.catalog.gc import collect_garbage
+    from hpcckpt.retention import RetentionPolicy, apply_retention
+    from hpcckpt.store import parse_image_name, parse_store_name
+
+    assert parse_image_name("ckpt-7.hck") == 7
+    assert parse_image_name("ckpt-7.r3.hck") is None
+    assert parse_store_name("ckpt-7.r3.hck") == (7, "r3")
+    assert parse_store_name("ckpt-7.r3.x.hck") is None
+
+    store = Store(store_root, me)
+    ids = []
+    for _ in range(3):
+        with store.publish(cat, job_id="app", engine="app", node="n1") as pub:
+            pub.file.write(b"manifest")
+        for rank in range(2):
+            atomic_write_bytes(pub.path.parent / f"ckpt-{pub.ckptid}.r{rank}.hck", b"shard")
+        ids.append(pub.ckptid)
+    entries = store.scan()
+    assert sorted(e.ckptid for e in entries if e.companion) == sorted([i for i in ids for _ in range(2)])
+
+    # Retention deletes the oldest checkpoint with its shards, nothing else.
+    apply_retention(cat, store, RetentionPolicy(keep_last=2), job_id="app")
+    left = sorted(p.name for p in store.job_dir("app").iterdir())
+    assert left == sorted(f"ckpt-{i}{tag}.hck" for i in ids[1:] for tag in ("", ".r0", ".r1"))
+
+    # A failed checkpoint's shards go with gc; a committed one's stay.
+    cat.fail(ids[1], "bad shard found by verify")
+    collect_garbage(cat, store, RetentionPolicy(keep_last=5), dry_run=False, grace=0)
+    left = sorted(p.name for p in store.job_dir("app").iterdir())
+    assert left == sorted(f"ckpt-{ids[2]}{tag}.hck" for tag in ("", ".r0", ".r1"))
