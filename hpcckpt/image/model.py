@@ -115,6 +115,7 @@ class ImageSummary:
     digest: str
     parents: list[int] = field(default_factory=list)  # images this incremental one refers to
     ref_bytes: int = 0  # raw bytes taken from them
+    parents_verified: bool = True  # False: verified without resolve_parent, parents unchecked
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +130,7 @@ class ImageSummary:
             "digest": self.digest,
             "parents": list(self.parents),
             "ref_bytes": self.ref_bytes,
+            "parents_verified": self.parents_verified,
         }
 
 

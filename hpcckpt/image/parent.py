@@ -290,6 +290,7 @@ class ChunkSource:
         self._verified: dict[int, set[ChunkKey]] = {} if verified is None else verified
         self.parents: set[int] = set()
         self.ref_bytes = 0
+        self.unchecked = False
 
     def _path(self, ckptid: int) -> Path:
         if self._resolve is None:
@@ -304,6 +305,11 @@ class ChunkSource:
         """The referenced bytes (unpack), or None once the chunk is known good (verify)."""
         self.parents.add(ckptid)
         self.ref_bytes += length
+        if self._verify_whole and self._resolve is None:
+            # Checks this file alone (the epilog's "is this image complete?"); the
+            # summary lists the parents left unchecked (parents_verified is False).
+            self.unchecked = True
+            return None
         if self._verify_whole:
             if ckptid not in self._verified:
                 self._verified[ckptid] = self._verify(ckptid)

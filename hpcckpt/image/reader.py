@@ -339,6 +339,7 @@ def _walk(
     summary = ImageSummary(
         meta=meta, header=header, tasks=w.tasks, files=w.files, sections=w.sections, errors=w.errors,
         records=r.records, length=r.length, digest=r.digest, parents=sorted(refs.parents), ref_bytes=refs.ref_bytes,
+        parents_verified=not refs.unchecked,
     )
     return summary, w.stored
 
@@ -353,7 +354,8 @@ def verify_image(src: Path | str | BinaryIO, resolve_parent: ResolveParent | Non
 
     For an incremental image, every image it refers to is verified whole too
     (through ``resolve_parent``), and each ref is checked against what that
-    image stores; without ``resolve_parent`` such an image is refused.
+    image stores. Without ``resolve_parent`` only this file is checked (refs
+    for their structure) and the summary says ``parents_verified=False``.
     """
     return _walk(src, NullSink(), resolve_parent, verify_whole=True)[0]
 

@@ -1,0 +1,38 @@
+"""Full or incremental: bounding a chain of incremental images.
+
+A long chain makes restore read many files and keeps every image of the chain
+alive under retention, so a full image is taken every ``pipeline.full_every``
+checkpoints, or as soon as the chain's bytes exceed ``max_chain_ratio`` times
+its full image (memory that changes a lot makes each link nearly full-size,
+and the chain then costs more than starting over).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpcckpt.image.parent import ParentIndex
+
+
+@dataclass(frozen=True)
+class ChainDecision:
+    parent: ParentIndex | None  # None: write a full image
+    reason: str
+
+
+def decide_chain(
+    parent: ParentIndex | None, *, incremental: bool, full_every: int, max_chain_ratio: float
+) -> ChainDecision:
+    """Whether the next image may refer to ``parent`` (the last published image's index)."""
+    if not incremental:
+        return ChainDecision(None, "pipeline.incremental is off")
+    if parent is None:
+        return ChainDecision(None, "no parent image")
+    if parent.depth + 1 > full_every:
+        return ChainDecision(None, f"chain reached pipeline.full_every={full_every} incremental images")
+    if parent.base_bytes and parent.chain_bytes > max_chain_ratio * parent.base_bytes:
+        return ChainDecision(
+            None, f"chain holds {parent.chain_bytes} bytes, over pipeline.max_chain_ratio={max_chain_ratio} "
+            f"times its full image ({parent.base_bytes} bytes)",
+        )
+    return ChainDecision(parent, f"incremental on checkpoint {parent.ckptid} (depth {parent.depth + 1})")
