@@ -4,7 +4,9 @@ Two hard rules override every setting:
 
 - a job's newest committed image is never deleted (it may be its only valid one);
 - an image that a kept incremental image depends on (its ``parent`` chain)
-  is never deleted.
+  is never deleted, even when that image belongs to another job: a job
+  restarted under a new job id goes on with the chain of the image it was
+  restored from.
 
 ``select_for_deletion`` is pure and decides; ``apply_retention`` acts on it:
 mark the row deleted first (so no reader takes it), then unlink the file. A
@@ -122,6 +124,16 @@ def select_for_deletion(records: Sequence[CkptRecord], policy: RetentionPolicy, 
     return sorted(committed - keep)
 
 
+def needed_by_survivors(records: Sequence[CkptRecord], victims: set[int]) -> set[int]:
+    """The victims that a committed image outside ``victims`` still depends on, through its chain."""
+    by_id = {r.ckptid: r for r in records}
+    needed: set[int] = set()
+    for r in records:
+        if r.status is Status.COMMITTED and r.ckptid not in victims:
+            needed.update(p for p in _ancestors(r.ckptid, by_id) if p in victims)
+    return needed
+
+
 @dataclass
 class RetentionResult:
     deleted: list[CkptRecord] = field(default_factory=list)
@@ -155,6 +167,10 @@ def apply_retention(
     now = time.time() if now is None else now
     rows = cat.list(job_id, uid=store.user.uid, include_deleted=True)
     victims = set(select_for_deletion(rows, policy, now))
+    if job_id is not None and victims:
+        # Other jobs' images may be incremental on this job's (a restart under a new id).
+        everyone = cat.list(None, uid=store.user.uid, include_deleted=True)
+        victims -= needed_by_survivors(everyone, victims)
     result = RetentionResult(dry_run=dry_run)
     for rec in rows:
         if rec.ckptid not in victims:
