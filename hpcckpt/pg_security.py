@@ -14,27 +14,36 @@ database with psql and write any SQL. So the server enforces it:
   changes only ``current_user``, and ``SET SESSION AUTHORIZATION`` needs a
   superuser. A policy on ``current_setting('hpcckpt.uid')`` would be useless,
   since any client can ``SET`` a custom setting;
-* ``WITH CHECK`` applies the same test to new and updated rows, so no user
-  can write a row in another user's name, and the identity columns are not
-  granted, so no user can claim a ckptid before its real writer does.
+* the server, not the client, says whose a row is: a ``BEFORE INSERT OR
+  UPDATE`` trigger overwrites ``uid`` (and ``user``) of every row a mapped
+  role writes with that role's own; ``WITH CHECK`` applies the policy test
+  to new and updated rows as a second line, so no user can write a row in
+  another user's name;
+* the identity columns are not granted, so no user can claim a ckptid ahead
+  of its real writer; ids come from the identity sequence, which PostgreSQL
+  advances for an INSERT without the user needing rights on the sequence.
 
 The admin role (``hpcckpt_admin``) owns the tables, so RLS does not apply to
 it (no ``FORCE``): the root-run hooks and ``gc --all-users`` connect as it.
 
-Apply with :func:`apply_rls` as the table owner (after the catalog's own
-migrations have created the tables), then :func:`add_user` for each user.
-The pg_hba.conf/pg_ident.conf lines are in :func:`hba_config` and
-docs/security.md.
+:func:`setup_catalog` does it all as the admin (``hpcckpt catalog
+pg-setup``): creates or migrates the tables, :func:`apply_rls`,
+:func:`add_user` / :func:`remove_user`, and returns the pg_hba.conf and
+pg_ident.conf lines (:func:`hba_config`) the server needs; docs/security.md
+has the whole procedure.
 """
 
 from __future__ import annotations
 
+import pwd
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.errors import CatalogError
+from hpcckpt.context import User
+from hpcckpt.errors import CatalogError, NotFoundError, UsageError
 
 _log = hlog.get("pg_security")
 
@@ -42,7 +51,10 @@ ADMIN_ROLE = "hpcckpt_admin"
 USERS_ROLE = "hpcckpt_users"
 MAP_TABLE = "hpcckpt_user_map"
 UID_FUNCTION = "hpcckpt_session_uid"
+STAMP_FUNCTION = "hpcckpt_stamp_owner"
 POLICY = "hpcckpt_own_rows"
+# Marks the roles add_user created, so remove_user never drops a role the site made for other uses.
+ROLE_COMMENT = "hpcckpt catalog user"
 
 # Catalog tables with a uid column, and whether rows also carry the user's name.
 USER_TABLES: dict[str, bool] = {"checkpoints": True, "job_events": False}
@@ -88,6 +100,7 @@ def rls_statements(cur: Any, *, schema: str = "public") -> list[str]:
     s = quote_ident(schema)
     users = quote_ident(USERS_ROLE)
     fn = f"{s}.{quote_ident(UID_FUNCTION)}"
+    stamp = f"{s}.{quote_ident(STAMP_FUNCTION)}"
     stmts = [
         f"""DO $$ BEGIN
               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{USERS_ROLE}') THEN
@@ -103,6 +116,20 @@ def rls_statements(cur: Any, *, schema: str = "public") -> list[str]:
             AS $$ SELECT uid FROM {s}.{quote_ident(MAP_TABLE)} WHERE role = session_user $$""",
         f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC",
         f"GRANT EXECUTE ON FUNCTION {fn}() TO {users}",
+        # Whose a row is comes from the login, whatever the client sent.
+        # jsonb_populate_record skips keys a table lacks (job_events has no
+        # "user"). Roles without a mapping (the admin) write what they send.
+        f"""CREATE OR REPLACE FUNCTION {stamp}() RETURNS trigger
+            LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+            AS $$
+            DECLARE mapped BIGINT := {fn}();
+            BEGIN
+              IF mapped IS NOT NULL THEN
+                NEW := jsonb_populate_record(NEW, jsonb_build_object('uid', mapped, 'user', session_user::text));
+              END IF;
+              RETURN NEW;
+            END $$""",
+        f"REVOKE ALL ON FUNCTION {stamp}() FROM PUBLIC",
         f"REVOKE CREATE ON SCHEMA {s} FROM PUBLIC",
         f"GRANT USAGE ON SCHEMA {s} TO {users}",
     ]
@@ -121,6 +148,9 @@ def rls_statements(cur: Any, *, schema: str = "public") -> list[str]:
         check = f"uid = {fn}()" + (' AND "user" = session_user' if has_user else "")
         stmts += [
             f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY",
+            f"DROP TRIGGER IF EXISTS {quote_ident(STAMP_FUNCTION)} ON {t}",
+            f"CREATE TRIGGER {quote_ident(STAMP_FUNCTION)} BEFORE INSERT OR UPDATE ON {t} "
+            f"FOR EACH ROW EXECUTE FUNCTION {stamp}()",
             f"DROP POLICY IF EXISTS {quote_ident(POLICY)} ON {t}",
             f"CREATE POLICY {quote_ident(POLICY)} ON {t} FOR ALL TO {users} USING (uid = {fn}()) WITH CHECK ({check})",
             f"REVOKE ALL ON {t} FROM PUBLIC",
@@ -145,10 +175,17 @@ def add_user(conn: Any, name: str, uid: int, *, schema: str = "public") -> None:
         raise CatalogError(f"uid {uid} of {name!r}: root and negative uids get no catalog role")
     role = quote_ident(name)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-        if cur.fetchone() is None:
+        cur.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (name,))
+        row = cur.fetchone()
+        if row is None:
             # No password: the server authenticates the user (peer, cert, gss).
             cur.execute(f"CREATE ROLE {role} LOGIN")
+            cur.execute(f"COMMENT ON ROLE {role} IS '{ROLE_COMMENT}'")
+        elif row[0]:
+            raise CatalogError(
+                f"role {name!r} already exists and bypasses row-level security (superuser or BYPASSRLS)",
+                hint="a checkpointing user needs an ordinary role; rename or demote the existing one first",
+            )
         cur.execute(f"GRANT {quote_ident(USERS_ROLE)} TO {role}")
         cur.execute(
             f"INSERT INTO {quote_ident(schema)}.{quote_ident(MAP_TABLE)} (role, uid) VALUES (%s, %s) "
@@ -158,14 +195,35 @@ def add_user(conn: Any, name: str, uid: int, *, schema: str = "public") -> None:
     hlog.event(_log, "pg_security.user", f"catalog role {name} maps to uid {uid}", user=name, uid=uid)
 
 
-def remove_user(conn: Any, name: str, *, schema: str = "public") -> None:
-    """Remove ``name``'s mapping and role; their rows stay (owned by uid) for the admin."""
+def remove_user(conn: Any, name: str, *, schema: str = "public") -> bool:
+    """Remove ``name``'s mapping and catalog access; their rows stay (owned by uid) for the admin.
+
+    The role itself is dropped only if :func:`add_user` created it; a role
+    the site made for other uses keeps existing, without catalog access.
+    Returns whether the role was dropped.
+    """
     check_role_name(name)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(f"DELETE FROM {quote_ident(schema)}.{quote_ident(MAP_TABLE)} WHERE role = %s", (name,))
-        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-        if cur.fetchone() is not None:
+        cur.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", (name,))
+        row = cur.fetchone()
+        if row is None:
+            return False
+        if row[0] == ROLE_COMMENT:
             cur.execute(f"DROP ROLE {quote_ident(name)}")
+            dropped = True
+        else:
+            cur.execute(f"REVOKE {quote_ident(USERS_ROLE)} FROM {quote_ident(name)}")
+            dropped = False
+    hlog.event(_log, "pg_security.user_removed", f"catalog role {name} removed", user=name, dropped=dropped)
+    return dropped
+
+
+def user_map(conn: Any, *, schema: str = "public") -> list[tuple[str, int]]:
+    """``(role, uid)`` of every mapped user, by role name."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT role::text, uid FROM {quote_ident(schema)}.{quote_ident(MAP_TABLE)} ORDER BY role")
+        return [(str(r), int(u)) for r, u in cur.fetchall()]
 
 
 def hba_config(database: str = "hpcckpt", *, extra_admins: Sequence[str] = ()) -> tuple[str, str]:
@@ -179,3 +237,125 @@ def hba_config(database: str = "hpcckpt", *, extra_admins: Sequence[str] = ()) -
     ident += [f"hpcckpt  {name}  {ADMIN_ROLE}" for name in extra_admins]
     ident.append("hpcckpt  /^(.*)$  \\1")
     return hba, "\n".join(ident) + "\n"
+
+
+def local_accounts(names: Sequence[str] = (), *, all_users: bool = False, min_uid: int = 1000,
+                   ) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
+    """``(name, uid)`` of the Unix accounts to map, and the accounts skipped with why.
+
+    ``names`` must all exist (a typo is an error, not a skip). ``all_users``
+    adds every passwd account with ``uid >= min_uid`` except ``nobody``
+    (65534) and names that cannot be roles, which are reported as skipped.
+    """
+    chosen: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
+    for name in names:
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            raise NotFoundError(f"no Unix account named {name!r} on this host",
+                                hint="check the name with 'getent passwd NAME'") from None
+        check_role_name(name)
+        chosen[name] = uid
+    if all_users:
+        for pw in sorted(pwd.getpwall(), key=lambda p: p.pw_name):
+            if pw.pw_uid < min_uid or pw.pw_uid == 65534 or pw.pw_name in chosen:
+                continue
+            try:
+                check_role_name(pw.pw_name)
+            except CatalogError as exc:
+                skipped.append({"user": pw.pw_name, "reason": exc.message})
+                continue
+            chosen[pw.pw_name] = pw.pw_uid
+    return sorted(chosen.items()), skipped
+
+
+@dataclass
+class SetupReport:
+    """What :func:`setup_catalog` found and did."""
+
+    location: str
+    database: str
+    role: str
+    schema_version: int
+    migrated_from: int | None
+    added: list[tuple[str, int]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    users: list[tuple[str, int]] = field(default_factory=list)
+    hba: str = ""
+    ident: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "database": self.database,
+            "role": self.role,
+            "schema_version": self.schema_version,
+            "migrated_from": self.migrated_from,
+            "rls": True,
+            "added": [{"user": n, "uid": u} for n, u in self.added],
+            "removed": list(self.removed),
+            "users": [{"user": n, "uid": u} for n, u in self.users],
+            "pg_hba": self.hba,
+            "pg_ident": self.ident,
+        }
+
+
+def setup_catalog(url: str, acting: User, *, add: Sequence[tuple[str, int]] = (), remove: Sequence[str] = (),
+                  extra_admins: Sequence[str] = ()) -> SetupReport:
+    """Make the PostgreSQL catalog at ``url`` ready for per-user access; idempotent.
+
+    Connects as the admin role (root's default, see
+    :func:`hpcckpt.catalog.postgres.session_role`), creates or migrates the
+    tables, applies row-level security, removes then adds user mappings, and
+    returns what the server's pg_hba.conf and pg_ident.conf need.
+    """
+    import psycopg
+
+    from hpcckpt.catalog.postgres import PostgresCatalog
+
+    clash = sorted(set(remove) & {n for n, _ in add})
+    if clash:
+        raise UsageError(f"both added and removed: {', '.join(clash)}")
+    for name in remove:
+        check_role_name(name)
+    cat = PostgresCatalog(url, acting)
+    try:
+        probe = cat.probe()
+        if not probe.may_migrate:
+            raise CatalogError(
+                f"catalog {cat.location}: role {probe.role} does not own the catalog's tables",
+                hint=f"run this as root (peer-mapped to {ADMIN_ROLE}, the database owner with CREATEROLE), "
+                f"or put user={ADMIN_ROLE} in the URL",
+            )
+        conn = cat.connection()
+        try:
+            apply_rls(conn)
+            removed = [name for name in remove if _remove_and_say(conn, name)]
+            for name, uid in add:
+                add_user(conn, name, uid)
+            users = user_map(conn)
+        except psycopg.Error as exc:
+            raise CatalogError(
+                f"catalog {cat.location}: setting up access as role {probe.role} failed: {str(exc).strip()}",
+                hint=f"the role needs to own the database's tables and have CREATEROLE (CREATE ROLE {ADMIN_ROLE} "
+                f"LOGIN CREATEROLE; CREATE DATABASE ... OWNER {ADMIN_ROLE})",
+            ) from exc
+        hba, ident = hba_config(conn.info.dbname, extra_admins=extra_admins)
+        return SetupReport(
+            location=cat.location, database=conn.info.dbname, role=probe.role,
+            schema_version=cat.schema_version(), migrated_from=cat.migrated_from,
+            added=list(add), removed=removed, users=users, hba=hba, ident=ident,
+        )
+    finally:
+        cat.close()
+
+
+def _remove_and_say(conn: Any, name: str) -> bool:
+    """Remove ``name``; True when it had a mapping or role to remove."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT 1 FROM {quote_ident(MAP_TABLE)} WHERE role = %s "
+                    "UNION ALL SELECT 1 FROM pg_roles WHERE rolname = %s", (name, name))
+        present = cur.fetchone() is not None
+    remove_user(conn, name)
+    return present

@@ -9,17 +9,20 @@ stopped by its pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcckpt.pg_security import hba_config
+from hpcckpt.pg_security import ADMIN_ROLE, hba_config
 
 PG_BIN = Path(os.environ.get("HPCCKPT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 DATABASE = "hpcckpt"
@@ -32,8 +35,10 @@ class PeerServer:
     port: int
     proc: subprocess.Popen[bytes]
 
-    def url(self, role: str) -> str:
-        return f"postgresql:///{DATABASE}?host={self.sock_dir}&port={self.port}&user={role}"
+    def url(self, role: str | None = None, database: str = DATABASE) -> str:
+        """The socket URL; without ``role`` libpq asks for the Unix user's own (hpcckpt: the admin for root)."""
+        url = f"postgresql:///{database}?host={self.sock_dir}&port={self.port}"
+        return f"{url}&user={role}" if role else url
 
     def psql_argv(self, role: str, sql: str) -> list[str]:
         return ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(self.sock_dir), "-p", str(self.port),
@@ -59,8 +64,11 @@ def _as_postgres(argv: list[str], **kw: object) -> list[str]:
     return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--", *argv]
 
 
-def start(base: Path) -> PeerServer:
-    """initdb and start a server under ``base`` (which must be traversable by everyone)."""
+def start(base: Path, databases: Sequence[str] = (DATABASE,)) -> PeerServer:
+    """initdb and start a server under ``base`` (which must be traversable by everyone).
+
+    pg_hba.conf holds hpcckpt's peer-map lines for each of ``databases``, then rejects everything else.
+    """
     if not (PG_BIN / "initdb").exists() or shutil.which("psql") is None:
         raise FileNotFoundError(f"PostgreSQL 15 binaries not found in {PG_BIN}")
     pg = pwd.getpwnam("postgres")
@@ -75,7 +83,8 @@ def start(base: Path) -> PeerServer:
                       "--auth-host=reject", "--no-sync", "-E", "UTF8"]),
         check=True, capture_output=True, env=env, cwd=str(base),
     )
-    hba, ident = hba_config(DATABASE)
+    hba = "".join(hba_config(db)[0] for db in databases)
+    ident = hba_config(DATABASE)[1]
     (data / "pg_hba.conf").write_text(
         "local  all  postgres  peer\n" + hba + "local  all  all  reject\n"
     )
@@ -110,3 +119,24 @@ def superuser_sql(server: PeerServer, sql: str, db: str = "postgres") -> str:
     if res.returncode != 0:
         raise RuntimeError(f"psql as postgres failed: {res.stderr}")
     return res.stdout
+
+
+@contextlib.contextmanager
+def catalog_server(databases: Sequence[str] = (DATABASE,)) -> Iterator[PeerServer]:
+    """A started server with the admin role and ``databases`` owned by it, as a site sets it up.
+
+    Raises FileNotFoundError when PostgreSQL is not installed (callers skip).
+    """
+    base = Path(tempfile.mkdtemp(prefix="hpcckpt-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        srv = start(base / "pg", databases)
+        try:
+            superuser_sql(srv, f"CREATE ROLE {ADMIN_ROLE} LOGIN CREATEROLE")
+            for db in databases:
+                superuser_sql(srv, f"CREATE DATABASE {db} OWNER {ADMIN_ROLE}")
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
