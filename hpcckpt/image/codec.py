@@ -25,7 +25,7 @@ class CodecError(ValueError):
 # section (already-compressed or random data) is stored raw, trying again only
 # every REPROBE_EVERY chunks in case the data changes character.
 GIVE_UP_AFTER = 4
-REPROBE_EVERY = 64
+REPROBE_EVERY = 16
 
 
 class Adaptive:
