@@ -178,8 +178,12 @@ class PostgresCatalog(Catalog):
                 f"{pg_security.ADMIN_ROLE}",
             )
         if isinstance(exc, self._psycopg.OperationalError) and _REFUSED.search(text):
-            return CatalogError(f"catalog {self.location}: the server refused the connection: {text}",
-                                hint=f"your account may not have a catalog role yet: {SETUP_HINT}")
+            if self._role is None and not self.user.is_root:
+                hint = f"your account may not have a catalog role yet: {SETUP_HINT}, with --add-user {self.user.name}"
+            else:
+                hint = (f"the URL's role (root's default: {pg_security.ADMIN_ROLE}) must exist, and pg_hba.conf and "
+                        "pg_ident.conf must let this Unix user log in as it; 'hpcckpt catalog pg-setup' prints them")
+            return CatalogError(f"catalog {self.location}: the server refused the connection: {text}", hint=hint)
         return CatalogError(f"catalog {self.location}: {text}")
 
     def _tx(self, fn: Callable[[Cursor], T], *, read_only: bool) -> T:
