@@ -16,6 +16,7 @@ locks (which SQLite relies on) are weaker than a local disk's. So:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -231,7 +232,10 @@ class SqliteCatalog(Catalog):
             return current
 
         new = self._write(tx)
-        hlog.event(_log, "catalog.migrated", f"catalog schema at version {new}", path=str(self.path), was=version)
+        # Creating a new catalog is routine; upgrading an existing one is news.
+        level = logging.INFO if version > 0 else logging.DEBUG
+        hlog.event(_log, "catalog.migrated", f"catalog schema at version {new}", level,
+                   path=str(self.path), was=version)
 
     def schema_version(self) -> int:
         return self._version()
