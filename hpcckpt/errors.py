@@ -7,7 +7,7 @@ Exit codes (also in docs/cli.md):
  1    unexpected internal error (a bug: please report it)
  2    usage error (bad command-line arguments)
  3    policy or configuration error
- 4    image is corrupt (checksum, length, magic or structure)
+ 4    image is corrupt (checksum, length, magic or structure), or records a failed checkpoint
  5    image is unreadable (missing, permission denied, I/O error)
  6    catalog error
  7    store error (cannot write, disk full, unsafe path)

@@ -130,3 +130,10 @@ def test_logs_are_json_lines_off_a_terminal() -> None:
 def test_usage_error_exit_code() -> None:
     proc = hpcckpt_cli("no-such-command")
     assert proc.returncode == errors.EXIT_USAGE
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_cli_docs.py"), "--check"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
