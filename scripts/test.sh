@@ -10,8 +10,10 @@ cd "$REPO"
 bash scripts/setup.sh
 VENV=${HPCCKPT_VENV:-$REPO/.venv}
 echo "[test] ruff" >&2
-"$VENV/bin/ruff" check hpcckpt tests benchmarks
+"$VENV/bin/ruff" check hpcckpt tests benchmarks scripts examples
 echo "[test] mypy" >&2
 "$VENV/bin/mypy"
+echo "[test] fuzzing the image reader for 60 s" >&2
+"$VENV/bin/python" -m tests.fuzz.fuzz_image --seconds "${HPCCKPT_FUZZ_SECONDS:-60}"
 echo "[test] pytest" >&2
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
