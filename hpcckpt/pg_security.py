@@ -145,14 +145,17 @@ def rls_statements(cur: Any, *, schema: str = "public") -> list[str]:
                 hint="open the catalog once as the admin role (it creates its tables), then apply RLS",
             )
         col_list = ", ".join(quote_ident(c) for c in cols)
-        check = f"uid = {fn}()" + (' AND "user" = session_user' if has_user else "")
+        # "(SELECT f())" is evaluated once per statement (an InitPlan); a bare
+        # call to a SECURITY DEFINER function, which is never inlined, would run per row.
+        own = f"uid = (SELECT {fn}())"
+        check = own + (' AND "user" = session_user' if has_user else "")
         stmts += [
             f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY",
             f"DROP TRIGGER IF EXISTS {quote_ident(STAMP_FUNCTION)} ON {t}",
             f"CREATE TRIGGER {quote_ident(STAMP_FUNCTION)} BEFORE INSERT OR UPDATE ON {t} "
             f"FOR EACH ROW EXECUTE FUNCTION {stamp}()",
             f"DROP POLICY IF EXISTS {quote_ident(POLICY)} ON {t}",
-            f"CREATE POLICY {quote_ident(POLICY)} ON {t} FOR ALL TO {users} USING (uid = {fn}()) WITH CHECK ({check})",
+            f"CREATE POLICY {quote_ident(POLICY)} ON {t} FOR ALL TO {users} USING ({own}) WITH CHECK ({check})",
             f"REVOKE ALL ON {t} FROM PUBLIC",
             f"GRANT SELECT, DELETE ON {t} TO {users}",
             f"GRANT INSERT ({col_list}), UPDATE ({col_list}) ON {t} TO {users}",
