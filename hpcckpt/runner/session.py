@@ -130,7 +130,14 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         deadline_s=deadline_seconds(pol, opts.deadline),
         signals=SignalPlan.from_names(list(opts.signals or pol.preemption.signals)),
     )
-    control = ControlServer(ident.job_id, uid=env.user.uid, gid=env.user.gid)
+    control: ControlServer | None
+    try:
+        control = ControlServer(ident.job_id, uid=env.user.uid, gid=env.user.gid)
+    except UsageError as err:
+        # A second restore of the same image (a test of a copy, a migration in progress) still runs
+        # and checkpoints; only 'hpcckpt checkpoint JOBID' cannot reach it.
+        hlog.event(_log, "runner.no_control", f"{err}; this runner takes no checkpoint requests", 30)
+        control = None
     return Runner(cfg, ckpt, control)
 
 
