@@ -89,6 +89,7 @@ def main() -> int:
                     return EXIT_REQUEUE
         field = comm.gather(u, root=0)
     if rank == 0:
+        assert field is not None  # gather returns the list on the root rank
         whole = np.concatenate(field)
         result = {"steps": n, "sha256": hashlib.sha256(whole.tobytes()).hexdigest(), "sum": float(whole.sum())}
         print(json.dumps(result), flush=True)

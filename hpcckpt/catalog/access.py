@@ -3,7 +3,7 @@
 A user acts on their own checkpoints only. Root acts on one user's
 (``--user NAME``) or, by default, on every user who has a directory in the
 store: with SQLite that means one catalog file per user; with PostgreSQL one
-shared catalog, filtered by uid.
+shared catalog, where the server's row-level security decides what a role sees.
 """
 
 from __future__ import annotations

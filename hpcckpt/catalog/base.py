@@ -6,8 +6,11 @@ its schema. Everything a caller sees is written once here, so SQLite and
 PostgreSQL answer the same questions with the same SQL.
 
 Visibility: a catalog acts for one ``User``. A non-root user sees and changes
-only rows with their uid (a shared PostgreSQL catalog relies on this until
-row-level security lands); root sees and changes every row.
+only rows with their uid; root sees and changes every row. This filter is
+for correct answers, not for security: SQLite catalogs are kept apart by their
+0700 directories, and a shared PostgreSQL catalog by per-user roles with
+row-level security and a trigger that stamps each row's owner
+(``hpcckpt catalog pg-setup``, hpcckpt/pg_security.py).
 """
 
 from __future__ import annotations

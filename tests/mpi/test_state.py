@@ -79,7 +79,7 @@ def test_numpy_scalars_keep_their_type() -> None:
         {1, 2},
         np.array([object()], dtype=object),
         np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]),
-        np.ma.masked_array([1, 2], mask=[0, 1]),
+        np.ma.masked_array([1, 2], mask=[False, True]),
     ],
 )
 def test_unencodable_values_are_refused_with_their_place(bad: Any) -> None:
