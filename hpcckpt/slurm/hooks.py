@@ -12,10 +12,12 @@ They run as root (the node hooks in users' store directories), so:
 * Their collaborators (Slurm, the catalog, the node check) come in through
   :class:`HookDeps`, so unit tests run them against fakes.
 
-Layout they own: the job's store dir ``STORE/USER/JOB`` and its staging dir
-``STAGING/USER/JOB`` (both 0700, owned by the job's user), and in the job
-dir ``slurm-job.json``: the job's sbatch settings and batch script, saved at
-start so ``hpcckpt resume --submit`` can resubmit a job Slurm has forgotten.
+Layout they own: the job's store dir ``STORE/USER/JOB``, its staging dirs
+``STAGING/USER/JOB`` (node-local disk) and ``/dev/shm/hpcckpt-staging/USER/JOB``
+(tmpfs, see :mod:`hpcckpt.pipeline.staging`), all 0700 and owned by the job's
+user, and in the job dir ``slurm-job.json``: the job's sbatch settings and
+batch script, saved at start so ``hpcckpt resume --submit`` can resubmit a job
+Slurm has forgotten.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from hpcckpt import fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
 from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError, UnsafePathError
+from hpcckpt.pipeline.flush import FlushSettings
+from hpcckpt.pipeline.staging import TMPFS, TMPFS_SUBDIR, staging_candidates
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import Action, JobOutcome, Kind, RestartDecision, RestartRules, decide
@@ -66,6 +70,11 @@ class HookDeps:
     background: Callable[[Callable[[], None]], None] = field(default=lambda fn: fn())
     retry_wait: float = 1.0
     retry_attempts: int = 60
+    # The pipeline's packing settings (policy pipeline.* and storage.compression), for
+    # the staged dumps the Epilog publishes; and the node's tmpfs (/dev/shm in
+    # production; None, the default, leaves tmpfs staging alone, as unit tests want).
+    flush: FlushSettings = field(default_factory=FlushSettings)
+    tmpfs: Path | None = None
 
 
 def default_deps() -> HookDeps:
@@ -95,6 +104,8 @@ def default_deps() -> HookDeps:
         open_catalog=open_catalog,
         node_problems=node_problems,
         background=run_detached,
+        flush=FlushSettings.from_policy(pol),
+        tmpfs=TMPFS,
     )
 
 
@@ -195,8 +206,39 @@ def _prepare_dirs(env: SlurmEnv, deps: HookDeps, user: User) -> None:
     if deps.staging_root is not None:
         made.append(fsutil.ensure_private_dir(staging_dir(deps.staging_root, user, env.job_id), user.uid,
                                               user.gid, base=deps.staging_root))
+    tmpfs_base = _tmpfs_base(deps, create=True)
+    if tmpfs_base is not None:
+        made.append(fsutil.ensure_private_dir(job_dir(tmpfs_base, user, env.job_id), user.uid, user.gid,
+                                              base=tmpfs_base))
     _event("slurm.prolog.dirs", f"job {env.job_id}: prepared {', '.join(map(str, made))}",
            job_id=env.job_id, user=user.name, node=env.node)
+
+
+def _tmpfs_base(deps: HookDeps, *, create: bool) -> Path | None:
+    """``/dev/shm/hpcckpt-staging`` if it is root's own directory (made here if asked), else None.
+
+    /dev/shm is world-writable: a user who made this directory first, or put a
+    symlink there, would own the tree root walks through in the Epilog. Root
+    makes it 0755 before any job runs on the node (the Prolog), and the hooks
+    refuse a base that is not a real root-owned directory that only root may write.
+    """
+    if deps.tmpfs is None or not os.path.isdir(deps.tmpfs):
+        return None
+    base = deps.tmpfs / TMPFS_SUBDIR
+    if create and fsutil.running_as_root():
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(base, 0o755)
+    try:
+        st = os.lstat(base)
+    except FileNotFoundError:
+        return None
+    owner_ok = st.st_uid == os.geteuid() or st.st_uid == 0
+    if not stat.S_ISDIR(st.st_mode) or not owner_ok or stat.S_IMODE(st.st_mode) & 0o022:
+        _event("slurm.hook.tmpfs", f"{base}: not a directory of root's that only root may write "
+               f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); tmpfs staging left alone",
+               logging.ERROR, path=str(base))
+        return None
+    return base
 
 
 def save_job_info(env: SlurmEnv, deps: HookDeps, user: User) -> Path:
@@ -255,10 +297,11 @@ class SalvageReport:
     committed: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    staged: list[int] = field(default_factory=list)  # published from pipeline staging
 
     def __str__(self) -> str:
         return (f"salvaged {self.committed or 'none'}, aborted {self.failed or 'none'}, "
-                f"removed {len(self.removed)} partial file(s)")
+                f"removed {len(self.removed)} partial file(s), published staged {self.staged or 'none'}")
 
 
 def epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
@@ -275,10 +318,59 @@ def epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
     except (HpcckptError, OSError) as exc:
         _event("slurm.epilog.salvage", f"job {env.job_id}: salvage failed: {exc}", logging.ERROR,
                job_id=env.job_id)
-    if deps.staging_root is not None:
-        _clean_staging(env, deps, user)
+    # Before staging is cleaned: publish the complete staged dumps the runner's
+    # background flush did not get to (the job ended or was killed mid-flush).
+    report.staged = salvage_pipeline(env, deps, user)
+    for root in _staging_roots(deps):
+        _clean_staging(env, root, user)
     _event("slurm.epilog", f"job {env.job_id} on {env.node}: {report}", job_id=env.job_id, node=env.node)
     return HOOK_OK
+
+
+def _staging_roots(deps: HookDeps) -> list[Path]:
+    """The bases below which the job's staging dirs are ``USER/JOB``: node disk, then tmpfs."""
+    roots = [] if deps.staging_root is None else [deps.staging_root]
+    tmpfs_base = _tmpfs_base(deps, create=False)
+    if tmpfs_base is not None:
+        roots.append(tmpfs_base)
+    return roots
+
+
+def salvage_pipeline(env: SlurmEnv, deps: HookDeps, user: User) -> list[int]:
+    """Publish every complete staged dump of the job (pipeline staging), oldest first; their ckptids."""
+    from hpcckpt.pipeline.flush import StorePublisher, salvage_staging
+    from hpcckpt.store import Store
+
+    if deps.store_root is None or deps.open_catalog is None:
+        return []
+    open_cat = deps.open_catalog
+    store_root = deps.store_root
+    roots = _staging_roots(deps)
+    trusted = {r / user.name for r in roots}
+    published: list[int] = []
+    publisher = StorePublisher(Store(store_root, user), lambda: open_cat(deps.catalog_url, store_root, user))
+    try:
+        tmpfs = deps.tmpfs if deps.tmpfs is not None else TMPFS
+        for path in staging_candidates(user, env.job_id, deps.staging_root, tmpfs=tmpfs):
+            # salvage_staging trusts the parent of the path it is given; only parents
+            # below a base checked above (root's, or the admin's storage.staging) qualify.
+            if path.parent not in trusted:
+                continue
+            try:
+                rep = salvage_staging(path, publisher, user, deps.flush)
+            except (HpcckptError, OSError) as exc:
+                _event("slurm.epilog.staged", f"job {env.job_id}: cannot salvage {path}: {exc}", logging.ERROR,
+                       job_id=env.job_id, path=str(path))
+                continue
+            published.extend(rep.published)
+            for err in rep.errors:
+                _event("slurm.epilog.staged", f"job {env.job_id}: {err}", logging.ERROR, job_id=env.job_id)
+            if rep.published:
+                _event("slurm.epilog.staged", f"job {env.job_id}: published staged checkpoint(s) "
+                       f"{rep.published} from {path}", job_id=env.job_id, ckptids=rep.published)
+    finally:
+        publisher.close()
+    return published
 
 
 def _writing_rows(cat: Any, env: SlurmEnv, uid: int) -> dict[int, Any]:
@@ -430,12 +522,10 @@ def _rmtree_at(parent_fd: int, name: str) -> None:
     os.rmdir(name, dir_fd=parent_fd)
 
 
-def _clean_staging(env: SlurmEnv, deps: HookDeps, user: User) -> None:
-    assert deps.staging_root is not None
+def _clean_staging(env: SlurmEnv, root: Path, user: User) -> None:
     user_fd = -1
     try:
-        user_fd = fsutil.open_private_dir(deps.staging_root / user.name, user.uid, user.gid,
-                                          base=deps.staging_root, create=False)
+        user_fd = fsutil.open_private_dir(root / user.name, user.uid, user.gid, base=root, create=False)
         name = fsutil.safe_job_component(env.job_id)
         st = os.stat(name, dir_fd=user_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
