@@ -18,6 +18,22 @@ the restored root task with ``CLONE_PARENT``, so it becomes a child of the
 process that called us (the runner) and CRIU itself exits. The runner can
 ``waitpid`` the job, and the job stays in the job step's cgroup and process
 tracking (the failure mode of CRIU issue 2605 is a tree reparented to init).
+
+Without root (euid != 0) criu runs with ``--unprivileged`` and its file
+capabilities, and the job lives in a user namespace of its own where uid 0
+is the caller (:mod:`hpcckpt.runner.launch`). CRIU 4.2 cannot dump a user
+namespace unprivileged: ``check_user_ns`` calls ``setgroups(0, NULL)``,
+which needs CAP_SETGID on the host ("Unable to drop supplementary groups").
+So criu never sees that namespace as foreign:
+
+* dump: criu is started inside the job's user and mount namespaces
+  (``nsenter --user --mount --preserve-credentials``), where it is root of
+  the namespace. Only the PID namespace is dumped.
+* restore: criu is started as root of a fresh user and mount namespace
+  (``unshare --map-root-user --mount``) that maps nothing but the caller, and
+  creates the PID namespace there, restoring pids with ``clone3(set_tid)``.
+  Whatever ids an image claims, the kernel can give the restored tree no
+  credentials but the caller's.
 """
 
 from __future__ import annotations
@@ -48,6 +64,47 @@ CAP_CHECKPOINT_RESTORE = 40
 # struct vfs_cap_data (linux/capability.h): magic_etc, then {permitted, inheritable} x 2, all le32.
 _VFS_CAP = struct.Struct("<I2I2I")
 _INSTALL_HINT = "install CRIU >= 4.2 (sudo scripts/setup.sh) or point $HPCCKPT_CRIU at the criu binary"
+_UTIL_LINUX_HINT = "install util-linux (nsenter and unshare), which an unprivileged checkpoint needs"
+_CAPS_HINT = (
+    "an ordinary user's checkpoints need criu with file capabilities: "
+    "sudo setcap cap_sys_ptrace,cap_checkpoint_restore=eip {path} (see docs/running.md, 'Without root')"
+)
+
+
+def user_namespace_of(pid: int | str) -> int:
+    """The inode of the user namespace task ``pid`` ("self" for us) lives in."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError as exc:
+        raise EngineError(f"cannot read the user namespace of pid {pid}: {exc.strerror}",
+                          hint="the job is gone, or belongs to another user") from exc
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin"]))
+    if not found:
+        raise EngineNotFoundError(f"{name} was not found on PATH or in /usr/bin", hint=_UTIL_LINUX_HINT)
+    return found
+
+
+def dump_wrapper(pid: int, *, euid: int, same_userns: bool, nsenter: str = "nsenter") -> list[str]:
+    """The argv prefix that starts criu where it can dump host pid ``pid``; empty for root."""
+    if euid == 0 or same_userns:
+        return []
+    # --preserve-credentials: we stay the caller's kuid, which is uid 0 in the job's namespace, so
+    # criu starts with every capability there (and none outside). Without it nsenter calls
+    # setgroups(2), which the namespace denies.
+    return [nsenter, f"--target={pid}", "--user", "--mount", "--preserve-credentials", "--"]
+
+
+def restore_wrapper(*, euid: int, unshare: str = "unshare") -> list[str]:
+    """The argv prefix that gives criu a user and mount namespace of its own to restore into."""
+    if euid == 0:
+        return []
+    # unshare(1) execs criu without forking, so criu stays our child and --restore-sibling makes the
+    # restored job our child too. "unchanged": keep the host's mounts as slaves (the kernel's choice
+    # for a less privileged namespace), as the job had them, instead of making them private.
+    return [unshare, "--user", "--map-root-user", "--mount", "--propagation", "unchanged", "--"]
 
 
 @dataclass
@@ -68,6 +125,36 @@ def log_excerpt(log_path: Path, limit: int = _EXCERPT_LINES) -> str:
     errors = [ln for ln in lines if "Error" in ln or "error" in ln]
     chosen = errors if errors else lines
     return "\n".join(chosen[-limit:])
+
+
+# CRIU log lines whose cause is known, and what to tell the user: (substring, explanation).
+_KNOWN_FAILURES = (
+    ("Unable to drop supplementary groups",
+     "criu had to dump a user namespace, which CRIU 4.2 can do only with CAP_SETGID; an unprivileged "
+     "job must be started by 'hpcckpt run' as the same user, so that criu runs inside its namespace"),
+    ("doesn't belong to it",
+     "the job's /proc belongs to another PID namespace and it may not mount its own: start it with "
+     "'hpcckpt run' as this user (which gives it a mount namespace of its own)"),
+    ("Unable to drop capability",
+     "the job's capability bounding set differs from the restoring criu's and an unprivileged criu "
+     "cannot drop capabilities (no CAP_SETPCAP); restore it as the user who ran it, with 'hpcckpt resume'"),
+    ("Can't get rlimit",
+     "criu could not read the job's resource limits: dump a job as the user who owns it"),
+    ("Can't stop all tasks on rt_sigreturn",
+     "the restored tasks died while criu was finishing the restore; see the log for the first task "
+     "that failed (often a credential or capability criu could not restore unprivileged)"),
+    ("set_tid",
+     "criu could not give the restored tasks their pids: an unprivileged restore needs the job in a "
+     "PID namespace of its own (as 'hpcckpt run' makes it) and criu with cap_checkpoint_restore"),
+)
+
+
+def explain_failure(excerpt: str, *, euid: int) -> str | None:
+    """A hint for a CRIU failure whose cause is known, else None."""
+    for needle, why in _KNOWN_FAILURES:
+        if needle in excerpt:
+            return why + ("" if euid != 0 else " (criu ran as root)")
+    return None
 
 
 def _clean(text: str) -> str:
@@ -110,8 +197,9 @@ class Criu:
         timeout: float | None = None,
         pass_fds: Sequence[int] = (),
         what: str = "criu",
+        wrapper: Sequence[str] = (),
     ) -> Completed:
-        argv = [self.path, *args]
+        argv = [*wrapper, self.path, *args]
         t0 = time.monotonic()
         try:
             # A new session, so a timeout can kill criu and anything it forked in one go.
@@ -120,7 +208,9 @@ class Criu:
                 pass_fds=tuple(pass_fds), start_new_session=True, text=True,
             )
         except FileNotFoundError as exc:
-            raise EngineNotFoundError(f"{self.path}: no such file", hint=_INSTALL_HINT) from exc
+            missing = wrapper[0] if wrapper else self.path
+            raise EngineNotFoundError(f"{missing}: no such file",
+                                      hint=_UTIL_LINUX_HINT if wrapper else _INSTALL_HINT) from exc
         except PermissionError as exc:
             raise EngineError(f"{self.path}: permission denied (not executable by uid {os.getuid()})",
                               hint=_INSTALL_HINT) from exc
@@ -170,6 +260,15 @@ class Criu:
         need = (1 << CAP_SYS_PTRACE) | (1 << CAP_CHECKPOINT_RESTORE)
         return permitted & need == need
 
+    def _require_unprivileged_caps(self, euid: int) -> None:
+        """Without root, a criu lacking its file capabilities fails deep in its log; say why up front."""
+        if euid != 0 and not self.unprivileged_capable():
+            raise EngineError(
+                f"{self.path} lacks the file capabilities cap_sys_ptrace and cap_checkpoint_restore, "
+                f"so uid {euid} cannot checkpoint or restore with it",
+                hint=_CAPS_HINT.format(path=self.path),
+            )
+
     # -- dump and restore ----------------------------------------------------
 
     @staticmethod
@@ -210,14 +309,21 @@ class Criu:
             args.append("--leave-running")
         elif after == "stopped":
             args.append("--leave-stopped")
-        res = self._run(args, timeout=timeout, what=f"criu dump of pid {pid}")
+        euid = os.geteuid()
+        self._require_unprivileged_caps(euid)
+        wrapper: list[str] = []
+        if euid != 0:
+            same = user_namespace_of(pid) == user_namespace_of("self")
+            wrapper = dump_wrapper(pid, euid=euid, same_userns=same, nsenter=_tool("nsenter"))
+        res = self._run(args, timeout=timeout, what=f"criu dump of pid {pid}", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
             excerpt = log_excerpt(log_path) or res.err.strip()
             raise EngineError(
                 f"criu dump of pid {pid} failed (exit {res.rc}); log: {log_path}",
                 log_excerpt=excerpt,
-                hint="the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node",
+                hint=explain_failure(excerpt, euid=euid)
+                or "the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node",
             )
         hlog.event(_log, "criu.dumped", f"dumped pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
         return DumpResult(frozen_s=res.seconds, log_path=log_path, images_dir=images_dir)
@@ -246,13 +352,18 @@ class Criu:
         fds = dict(inherit_fds or {})
         for fd, resource in fds.items():
             args += ["--inherit-fd", f"fd[{fd}]:{resource}"]
-        res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore")
+        euid = os.geteuid()
+        self._require_unprivileged_caps(euid)
+        wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare")) if euid != 0 else []
+        res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
+            excerpt = log_excerpt(log_path) or res.err.strip()
             raise EngineError(
                 f"criu restore from {images_dir} failed (exit {res.rc}); log: {log_path}",
-                log_excerpt=log_excerpt(log_path) or res.err.strip(),
-                hint="try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'",
+                log_excerpt=excerpt,
+                hint=explain_failure(excerpt, euid=euid)
+                or "try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'",
             )
         try:
             pid = int(with_pid.read_text().strip())

@@ -14,6 +14,18 @@ The orphaned job is reparented to the nearest subreaper, the runner. This
 must happen before the runner starts any thread: ``fork`` in a threaded
 process may copy a lock held by another thread.
 
+Without root (euid != 0), creating a PID namespace needs CAP_SYS_ADMIN in
+the user namespace that owns it, so the helper first creates a user
+namespace of its own, mapping uid and gid 0 inside to the caller (the only
+mapping an ordinary user may write), plus a mount namespace. Why uid 0
+inside: the job must be root *of its namespace* for two things CRIU needs.
+The dump's parasite mounts a /proc that belongs to the job's PID namespace,
+which takes CAP_SYS_ADMIN over the job's mount namespace; and the restore
+runs criu as root of a fresh user namespace, so that it may create the PID
+namespace and restore pids with ``clone3(set_tid)``. Outside, every file
+the job creates is the caller's and it has no privilege over anything of
+the host; inside, ``id`` says root (see docs/running.md, "Without root").
+
 A failure to exec the command is reported back through a close-on-exec pipe,
 so ``hpcckpt run -- no-such-cmd`` fails with a clear error, not exit 127.
 """
@@ -31,8 +43,17 @@ from hpcckpt.errors import EngineError, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNS = 0x00020000
 _PID = struct.Struct("<q")
-_ERR = struct.Struct("<ii")  # (stage, errno); stage 1: setup, 2: exec
+# (stage, errno); stage 0: unshare, 1: setup, 2: exec, 3: writing the user namespace's id maps
+_ERR = struct.Struct("<ii")
+_STAGE_UNSHARE, _STAGE_SETUP, _STAGE_EXEC, _STAGE_IDMAP = 0, 1, 2, 3
+_USERNS_HINT = (
+    "an ordinary user's job needs unprivileged user namespaces: check that sysctl user.max_user_namespaces "
+    "is above 0 (and, where they exist, kernel.unprivileged_userns_clone=1 and "
+    "kernel.apparmor_restrict_unprivileged_userns=0); or run hpcckpt as root. See docs/running.md"
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -74,50 +95,114 @@ class StdioPipes:
         self.out_w = self.err_w = -1
 
 
+def needs_user_namespace(euid: int | None = None) -> bool:
+    """Whether a job started (or restored) by ``euid`` must live in a user namespace of its own."""
+    return (os.geteuid() if euid is None else euid) != 0
+
+
+def namespace_flags(user_namespace: bool) -> int:
+    """The ``unshare(2)`` flags for a job's namespaces."""
+    if user_namespace:
+        # The mount namespace is owned by the new user namespace, so the job (root there) may mount
+        # the /proc of its PID namespace; the kernel turns the host's shared mounts into slaves,
+        # so mounts made on the host later (autofs homes, scratch) still reach the job.
+        return CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
+    return CLONE_NEWPID
+
+
+def id_map_lines(uid: int, gid: int) -> tuple[str, str]:
+    """The uid_map and gid_map of a job's user namespace: 0 inside is the caller outside, nothing else."""
+    return f"0 {uid} 1\n", f"0 {gid} 1\n"
+
+
+def _write_proc_self(name: str, text: str) -> None:
+    fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _enter_user_namespace(uid: int, gid: int) -> None:
+    """In the helper, right after unshare: become root of the new namespace, as the caller outside."""
+    uid_map, gid_map = id_map_lines(uid, gid)
+    # The kernel accepts an unprivileged gid_map only once setgroups(2) is denied in the namespace,
+    # so that nobody can drop a group that was denying them access.
+    _write_proc_self("setgroups", "deny")
+    _write_proc_self("uid_map", uid_map)
+    _write_proc_self("gid_map", gid_map)
+
+
 def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int) -> None:
     """In the job (pid 1): the smallest possible path from fork to exec."""
-    stage = 1
+    stage = _STAGE_SETUP
     try:
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(pipes.out_w, 1)
         os.dup2(pipes.err_w, 2)
-        # Nothing of the runner's may leak into the job: CRIU would have to dump it.
+        # Nothing of the runner's may leak into the job: CRIU would have to dump it (and, in a
+        # mount namespace of the job's own, could not even name a file opened before it).
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 65536)
         os.chdir(cwd)
-        stage = 2
+        stage = _STAGE_EXEC
         os.execvpe(argv[0], list(argv), dict(env))
     except OSError as exc:
         os.write(err_w, _ERR.pack(stage, exc.errno or errno.EINVAL))
     os._exit(127)
 
 
+def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[str, str], cwd: str,
+            pipes: StdioPipes, info_w: int, err_w: int) -> None:
+    """The forked helper: unshare, fork the job, report its pid, exit. Never returns."""
+    try:
+        if _libc.unshare(flags) != 0:
+            os.write(err_w, _ERR.pack(_STAGE_UNSHARE, ctypes.get_errno()))
+            os._exit(1)
+        if flags & CLONE_NEWUSER:
+            try:
+                _enter_user_namespace(uid, gid)
+            except OSError as exc:
+                os.write(err_w, _ERR.pack(_STAGE_IDMAP, exc.errno or errno.EINVAL))
+                os._exit(1)
+        job = os.fork()
+        if job == 0:
+            os.close(info_w)
+            _child_exec(argv, env, cwd, pipes, err_w)
+        os.write(info_w, _PID.pack(job))
+    finally:
+        os._exit(0)
+
+
 def spawn_in_pid_namespace(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: str, pipes: StdioPipes
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str,
+    pipes: StdioPipes,
+    user_namespace: bool | None = None,
 ) -> int:
-    """Start ``argv`` as pid 1 of a new PID namespace; return its host pid (our child)."""
+    """Start ``argv`` as pid 1 of a new PID namespace; return its host pid (our child).
+
+    ``user_namespace``: also put the job in a user and mount namespace of its
+    own (see the module docstring); ``None`` means "when not root", which is
+    what the CRIU adapter expects at dump and restore time.
+    """
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
+    userns = needs_user_namespace() if user_namespace is None else user_namespace
+    flags = namespace_flags(userns)
+    uid, gid = os.geteuid(), os.getegid()
     set_child_subreaper()
     info_r, info_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     helper = os.fork()
-    if helper == 0:  # the helper: unshare, fork the job, report, exit
-        try:
-            os.close(info_r)
-            os.close(err_r)
-            if _libc.unshare(CLONE_NEWPID) != 0:
-                os.write(err_w, _ERR.pack(0, ctypes.get_errno()))
-                os._exit(1)
-            job = os.fork()
-            if job == 0:
-                os.close(info_w)
-                _child_exec(argv, env, cwd, pipes, err_w)
-            os.write(info_w, _PID.pack(job))
-        finally:
-            os._exit(0)
+    if helper == 0:
+        os.close(info_r)
+        os.close(err_r)
+        _helper(flags, uid, gid, argv, env, cwd, pipes, info_w, err_w)
     os.close(info_w)
     os.close(err_w)
     try:
@@ -137,15 +222,23 @@ def spawn_in_pid_namespace(
         stage, code = _ERR.unpack_from(failure)
         if len(raw) == _PID.size:
             os.waitpid(_PID.unpack(raw)[0], 0)
-        if stage == 0:
-            raise EngineError(
-                f"cannot create a PID namespace: {os.strerror(code)}",
-                hint="hpcckpt run needs root (CAP_SYS_ADMIN) for its PID namespace; see docs/running.md",
-            )
-        if stage == 2:
-            raise UsageError(f"cannot run {argv[0]!r}: {os.strerror(code)}",
-                             hint="check the command name and that it is executable")
-        raise EngineError(f"cannot set up the job's process ({cwd}): {os.strerror(code)}")
+        raise _spawn_error(stage, code, argv, cwd, userns)
     if len(raw) != _PID.size:
         raise EngineError("the PID-namespace helper died before reporting the job's pid")
     return int(_PID.unpack(raw)[0])
+
+
+def _spawn_error(stage: int, code: int, argv: Sequence[str], cwd: str, userns: bool) -> Exception:
+    reason = os.strerror(code)
+    if stage == _STAGE_UNSHARE:
+        if userns:
+            return EngineError(f"cannot create the job's user, mount and PID namespaces: {reason}",
+                               hint=_USERNS_HINT)
+        return EngineError(f"cannot create a PID namespace: {reason}",
+                           hint="as root this needs CAP_SYS_ADMIN in the bounding set; see docs/running.md")
+    if stage == _STAGE_IDMAP:
+        return EngineError(f"cannot map uid {os.geteuid()} to root of the job's user namespace: {reason}",
+                           hint=_USERNS_HINT)
+    if stage == _STAGE_EXEC:
+        return UsageError(f"cannot run {argv[0]!r}: {reason}", hint="check the command name and that it is executable")
+    return EngineError(f"cannot set up the job's process ({cwd}): {reason}")
