@@ -1,43 +1,54 @@
-"""One checkpoint of a running job: dump, pack, publish, commit; and record failures.
+"""One job's checkpoints: dump into node-local staging, thaw, flush to the store in the background.
 
-The order is what keeps the job's latest image valid at every instant:
+The order is what keeps the job's latest image valid at every instant and
+the job's freeze short:
 
-1. ``criu dump --leave-stopped`` into a fresh private staging directory. The
-   job is frozen only from here ...
-2. ... while its task tree and open files are read from /proc (the sizes CRIU
-   saw, see :mod:`hpcckpt.procinfo`), until SIGCONT. For a *final*
-   checkpoint (preemption, ``--and-stop``) the tree stays stopped until the
-   image is committed and is then killed; if publishing fails it is thawed,
-   so a failed ``--and-stop`` never loses the job.
-3. ``criu cpuinfo dump``, so a restore can refuse a CPU that lacks features.
-4. Pack the staging directory into an hpcckpt image, written straight into
-   the store's temp file (``Store.publish``: catalog row ``writing``, fsync,
-   rename, fsync dir, commit). Nothing is committed unless every byte is
-   durable; a crash leaves a temp file that gc removes.
-5. Retention, after success only.
+1. Admission (:meth:`Checkpointer.admit`): if a flush is still running and
+   policy ``pipeline.on_busy`` says skip (or one already waits), the
+   checkpoint is not taken at all, so a slow store costs the job nothing and
+   staged dumps never pile up.
+2. ``criu dump --leave-stopped`` into a fresh staged directory on tmpfs when
+   the node has the memory for it, else on node-local disk
+   (:func:`hpcckpt.pipeline.staging.choose_staging`). The job is frozen only
+   from here ...
+3. ... while its task tree and open files are read from /proc (the sizes
+   CRIU saw, see :mod:`hpcckpt.procinfo`), until SIGCONT. A *final*
+   checkpoint (preemption, ``--and-stop``) keeps the tree stopped until its
+   image is committed and then kills it.
+4. ``criu cpuinfo dump`` and the staged metadata, then the completion marker
+   (``.done``): from now on the dump is either flushed by us or salvaged by
+   the Slurm epilog, never lost and never published twice.
+5. The background :class:`~hpcckpt.pipeline.flush.Flusher` packs it into the
+   store against the previous image (incremental, bounded by
+   ``pipeline.full_every`` / ``max_chain_ratio``), compressed per
+   ``storage.compression``, and publishes it atomically (temp name, fsync,
+   rename, catalog commit last): a reader never takes a half-flushed image.
+   Retention runs on the flusher's thread after each commit, so it never
+   races a publish whose parent it could delete.
 
 A failed dump gets a catalog row of its own, marked ``failed`` with CRIU's
-log excerpt, so ``hpcckpt list`` shows what went wrong; the job runs on and
-the previous image stays the latest.
+log excerpt; the job runs on and the previous image stays the latest.
 
-A deadline (a ``time.monotonic()`` value) bounds everything: the dump's
-timeout is what is left of it, and the writer that packs into the store
-raises :class:`DeadlineExceededError` as soon as it is passed, which makes
-the store remove the temp file and mark the row failed.
+A final checkpoint must be committed before its deadline (a
+``time.monotonic()`` value, counted from the signal's arrival): the dump's
+timeout is what is left, the staged dump is queued with ``force`` behind the
+flush in flight, and if the deadline passes first the flusher is aborted
+(its temp file removed, its row failed) and the previous image stays the
+latest; the complete staged dumps are left for the epilog when there is one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt import procinfo
@@ -45,9 +56,12 @@ from hpcckpt.catalog import Catalog
 from hpcckpt.context import User
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, StoreError
-from hpcckpt.fsutil import ensure_private_dir
-from hpcckpt.image import ImageMeta, OpenFile, TaskInfo, pack_dir
+from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
+from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity
+from hpcckpt.pipeline.flush import Admission, Flusher, FlushResult, FlushSettings, Publisher
+from hpcckpt.pipeline.predump import PreDumpPlan
+from hpcckpt.pipeline.staging import TMPFS, StagedCheckpoint, choose_staging, job_rss, staging_candidates
 from hpcckpt.store import Store
 
 _log = hlog.get("checkpoint")
@@ -59,18 +73,6 @@ _SLURM_KEYS = (
     "SLURM_JOB_NODELIST", "SLURM_NTASKS", "SLURM_CPUS_ON_NODE", "SLURM_SUBMIT_DIR",
 )
 _ERROR_LIMIT = 4000  # characters of error text kept in the catalog row
-
-
-@dataclass
-class PackSettings:
-    codec: str = "none"
-    level: int = 3
-    chunk_size: int = 4 << 20
-
-    @classmethod
-    def from_policy(cls, pol: Any) -> PackSettings:
-        comp = pol.storage.compression
-        return cls(codec=str(comp.codec), level=int(comp.level), chunk_size=int(pol.pipeline.chunk_size))
 
 
 @dataclass
@@ -88,39 +90,42 @@ class JobInfo:
 
 
 @dataclass
+class Staged:
+    """A dump taken and handed to the flusher: what the job paid for it."""
+
+    staged: StagedCheckpoint
+    final: bool
+    frozen_s: float  # job stopped: dump plus reading /proc
+    dump_s: float
+    staging: str  # "tmpfs" | "disk"
+    started: float  # monotonic
+
+
+@dataclass
 class CheckpointResult:
     ckptid: int
     path: Path
     size_bytes: int
-    frozen_s: float  # job stopped: dump plus reading /proc
+    frozen_s: float
     dump_s: float
-    pack_s: float  # pack + publish (the job runs meanwhile, except for final checkpoints)
-    total_s: float
+    pack_s: float  # pack + publish, on the flusher's thread (the job runs meanwhile, except for final ones)
+    total_s: float  # from the freeze to the commit
     final: bool
+    parent: int | None = None
+    chain: str = ""
+    bytes_in: int = 0
+    ref_bytes: int = 0
+    staging: str = ""
+    stage: str = ""  # the staged dump it came from
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ckptid": self.ckptid, "path": str(self.path), "size_bytes": self.size_bytes,
             "frozen_s": round(self.frozen_s, 3), "dump_s": round(self.dump_s, 3),
             "pack_s": round(self.pack_s, 3), "total_s": round(self.total_s, 3), "final": self.final,
+            "parent": self.parent, "chain": self.chain, "bytes_in": self.bytes_in, "ref_bytes": self.ref_bytes,
+            "staging": self.staging,
         }
-
-
-class DeadlineWriter:
-    """A write-only file that refuses to write past ``deadline`` (monotonic seconds)."""
-
-    def __init__(self, inner: BinaryIO, deadline: float | None) -> None:
-        self._inner = inner
-        self._deadline = deadline
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            raise DeadlineExceededError("the checkpoint deadline passed while the image was being written; "
-                                        "nothing was committed and the previous image stays the latest")
-        return self._inner.write(data)
-
-    def flush(self) -> None:
-        self._inner.flush()
 
 
 def signal_tree(pids: list[int], sig: int) -> None:
@@ -138,8 +143,16 @@ def _remaining(deadline: float | None) -> float | None:
     return left
 
 
+Retention = Callable[[Catalog], None]
+
+
 class Checkpointer:
-    """Takes checkpoints of one job into one store and catalog."""
+    """Takes checkpoints of one job into one store and catalog, through staging and a background flush.
+
+    ``catalog`` is the main thread's connection (failure rows); the
+    publisher opens its own per thread. ``retention`` is called on the
+    flusher's thread with that thread's catalog after each commit.
+    """
 
     def __init__(
         self,
@@ -148,33 +161,111 @@ class Checkpointer:
         store: Store,
         catalog: Catalog,
         job: JobInfo,
-        staging_root: Path,
         options: DumpOptions,
-        pack: PackSettings,
-        retention: Callable[[], None] | None = None,
+        flush: FlushSettings,
+        publisher: Publisher,
+        disk_staging: Path | None,
+        tmpfs: Path | None = TMPFS,
+        parent: ParentIndex | None = None,
+        retention: Retention | None = None,
         node: str | None = None,
+        predump: PreDumpPlan | None = None,
+        epilog_salvages: bool = False,
     ) -> None:
         self.engine = engine
         self.store = store
         self.catalog = catalog
         self.job = job
-        self.staging_root = staging_root
         self.options = options
-        self.pack = pack
+        self.settings = flush
+        self.publisher = publisher
+        self.disk_staging = disk_staging
+        self.tmpfs = tmpfs
         self.retention = retention
         self.node = node or socket.gethostname()
-        self._seq = 0
+        self.predump = predump or PreDumpPlan(False, "not probed")
+        # Under Slurm the epilog publishes complete staged dumps the runner could not flush in time.
+        self.epilog_salvages = epilog_salvages
+        self._lock = threading.Condition()
+        self._taken: dict[str, Staged] = {}
+        self._done: dict[str, CheckpointResult | FlushResult] = {}
+        self._fresh: list[CheckpointResult | FlushResult] = []
+        self.notify: Callable[[], None] = lambda: None  # the runner's wake-up: a result is ready
+        self.flusher = self._new_flusher(parent)
+        if self.predump.enabled:
+            hlog.event(_log, "checkpoint.predump", f"pre-dump with memory tracking is available "
+                       f"({self.predump.reason}), but the engine adapter has no pre-dump call yet; "
+                       "incremental images avoid rewriting unchanged memory instead", 30)
+
+    # -- the flusher -----------------------------------------------------------
+
+    def _new_flusher(self, parent: ParentIndex | None) -> Flusher:
+        return Flusher(self.publisher, self.settings, parent=parent, on_done=self._on_flushed)
+
+    def _on_flushed(self, fr: FlushResult) -> None:
+        """On the flusher's thread: log the commit, apply retention, wake the runner."""
+        with self._lock:
+            taken = self._taken.pop(fr.stage, None)
+        out: CheckpointResult | FlushResult = fr
+        if fr.ok and fr.ckptid is not None and fr.path is not None:
+            try:
+                size = fr.path.stat().st_size
+            except OSError:
+                size = fr.bytes_out
+            now = time.monotonic()
+            out = CheckpointResult(
+                ckptid=fr.ckptid, path=fr.path, size_bytes=size, frozen_s=taken.frozen_s if taken else 0.0,
+                dump_s=taken.dump_s if taken else 0.0, pack_s=fr.seconds,
+                total_s=now - taken.started if taken else fr.seconds, final=bool(taken and taken.final),
+                parent=fr.parent, chain=fr.chain, bytes_in=fr.bytes_in, ref_bytes=fr.ref_bytes,
+                staging=taken.staging if taken else "", stage=fr.stage,
+            )
+            hlog.event(_log, "checkpoint.committed", f"checkpoint {fr.ckptid} of job {self.job.identity.job_id} "
+                       "committed", job_id=self.job.identity.job_id, **out.to_dict())
+            if self.retention is not None:
+                try:
+                    self.retention(self._thread_catalog())
+                except (HpcckptError, OSError) as err:  # a full store must not fail a good checkpoint
+                    hlog.event(_log, "checkpoint.retention_failed", f"retention failed: {err}", 30)
+        else:
+            hlog.event(_log, "checkpoint.publish_failed", f"checkpoint of job {self.job.identity.job_id} was not "
+                       f"published: {fr.error}; the previous image stays the latest", 40, stage=fr.stage)
+        with self._lock:
+            self._done[fr.stage] = out
+            self._fresh.append(out)
+            self._lock.notify_all()
+        self.notify()
+
+    def _thread_catalog(self) -> Catalog:
+        opener = getattr(self.publisher, "catalog", None)
+        return opener() if callable(opener) else self.catalog
+
+    def collect(self) -> list[CheckpointResult | FlushResult]:
+        """Results (committed or failed) that arrived since the last call, oldest first."""
+        with self._lock:
+            out, self._fresh = self._fresh, []
+        return out
+
+    def wait(self, stage: str, deadline: float | None) -> CheckpointResult | FlushResult | None:
+        """The result of staged dump ``stage``; None if ``deadline`` passed first."""
+        with self._lock:
+            ok = self._lock.wait_for(
+                lambda: stage in self._done,
+                None if deadline is None else max(0.0, deadline - time.monotonic()),
+            )
+            return self._done.pop(stage) if ok else None
+
+    def admit(self) -> Admission:
+        return self.flusher.admit()
+
+    @property
+    def parent(self) -> ParentIndex | None:
+        return self.flusher.parent
+
+    def in_flight(self) -> list[str]:
+        return [s.name for s in self.flusher.in_flight()]
 
     # -- helpers -------------------------------------------------------------
-
-    def _fresh_staging(self) -> Path:
-        self._seq += 1
-        d = self.staging_root / f"dump-{os.getpid()}-{self._seq}"
-        if d.exists():
-            shutil.rmtree(d)
-        base = self.staging_root.parent
-        ensure_private_dir(d, self.job.user.uid, self.job.user.gid, base=base)
-        return d
 
     def _begin_kwargs(self) -> dict[str, Any]:
         ident = self.job.identity
@@ -185,18 +276,19 @@ class Checkpointer:
             "requeue_count": ident.restart_count,
         }
 
-    def _meta(self, ckptid: int, pid: int) -> ImageMeta:
+    def _meta(self, pid: int) -> ImageMeta:
         ident, user = self.job.identity, self.job.user
         try:
             version = self.engine.version()
         except HpcckptError:
             version = ""
         return ImageMeta(
-            ckptid=ckptid, job_id=ident.job_id, engine=self.engine.name, engine_version=version,
+            ckptid=0, job_id=ident.job_id, engine=self.engine.name, engine_version=version,
             step=ident.step, array_job_id=ident.array_job_id, array_task_id=ident.array_task_id,
             slurm={k: self.job.environ[k] for k in _SLURM_KEYS if k in self.job.environ},
             uid=user.uid, gid=user.gid, user=user.name, node=self.node, cmdline=list(self.job.cmdline),
             cwd=self.job.cwd, policy_digest=self.job.policy_digest, requeue_count=ident.restart_count,
+            created=time.time(),
             extra={"stdio": dict(self.job.stdio), "interval": self.job.interval, "cpuinfo": True,
                    "root_host_pid": pid},
         )
@@ -218,68 +310,151 @@ class Checkpointer:
                        30)
             return None
 
-    # -- the pipeline ----------------------------------------------------------
+    # -- taking a dump ---------------------------------------------------------
 
-    def checkpoint(self, pid: int, *, final: bool = False, deadline: float | None = None) -> CheckpointResult:
-        """Checkpoint the tree rooted at host pid ``pid``; see the module docstring.
+    def stage(self, pid: int, *, final: bool = False, deadline: float | None = None) -> Staged:
+        """Dump the tree rooted at host pid ``pid`` into staging and mark it complete.
 
-        For ``final``, the job is dead when this returns normally, and thawed
-        (still running) when it raises.
+        The job is thawed before this returns unless ``final``; a final
+        checkpoint's tree stays stopped (and is thawed again if this raises).
         """
         t0 = time.monotonic()
-        staging = self._fresh_staging()
+        user = self.job.user
+        choice = choose_staging(user, self.job.identity.job_id, job_rss(pid), disk_root=self.disk_staging,
+                                tmpfs=self.tmpfs)
+        staged = StagedCheckpoint.create(choice.root, user)
         try:
-            return self._checkpoint(pid, staging, final, deadline, t0)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _checkpoint(self, pid: int, staging: Path, final: bool, deadline: float | None, t0: float) -> CheckpointResult:
-        try:
-            dumped = self.engine.dump(pid, staging, options=self.options, after="stopped",
-                                      timeout=_remaining(deadline))
-        except HpcckptError as err:
-            self.record_failure(err)
-            hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} failed: "
-                       f"{err}; the job goes on running", 40, excerpt=getattr(err, "log_excerpt", ""))
+            try:
+                dumped = self.engine.dump(pid, staged.dump_dir, options=self.options, after="stopped",
+                                          timeout=_remaining(deadline))
+            except HpcckptError as err:
+                self.record_failure(err)
+                hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} "
+                           f"failed: {err}; the job goes on running", 40, excerpt=getattr(err, "log_excerpt", ""))
+                raise
+            pids = procinfo.tree_pids(pid)
+            try:
+                tasks: list[TaskInfo] = procinfo.tasks(pid)
+                files: list[OpenFile] = procinfo.open_files(pids)
+            finally:
+                if not final:
+                    signal_tree(pids, signal.SIGCONT)
+            frozen = time.monotonic() - t0
+            try:
+                self.engine.cpuinfo_dump(staged.dump_dir)
+                staged.mark_done(self._meta(pid), user, tasks=tasks, files=files)
+            except (HpcckptError, OSError) as err:
+                if final:
+                    signal_tree(pids, signal.SIGCONT)
+                if isinstance(err, OSError):
+                    raise StoreError(f"{staged.path}: cannot finish the staged dump: {err}",
+                                     hint="check free space in node-local staging (storage.staging, /dev/shm)"
+                                     ) from err
+                raise
+        except BaseException:
+            staged.remove()
             raise
-        pids = procinfo.tree_pids(pid)
-        tasks: list[TaskInfo] = procinfo.tasks(pid)
-        files: list[OpenFile] = procinfo.open_files(pids)
-        if not final:
-            signal_tree(pids, signal.SIGCONT)
-        frozen = time.monotonic() - t0
+        taken = Staged(staged, final, frozen, dumped.frozen_s, choice.kind, t0)
+        with self._lock:
+            self._taken[staged.name] = taken
+        hlog.event(_log, "checkpoint.staged", f"job {self.job.identity.job_id} dumped to {choice.kind} staging",
+                   10, stage=staged.name, frozen_s=round(frozen, 3), staging=choice.kind, why=choice.reason)
+        return taken
+
+    def take(self, pid: int) -> Staged | None:
+        """A periodic checkpoint: None when skipped because the store is still busy (nothing frozen)."""
+        adm = self.flusher.admit()
+        if adm is Admission.SKIP:
+            self.flusher.skipped += 1
+            hlog.event(_log, "checkpoint.skipped", f"checkpoint of job {self.job.identity.job_id} skipped: the "
+                       f"previous one is still being flushed (pipeline.on_busy={self.settings.on_busy})",
+                       in_flight=self.in_flight())
+            return None
+        taken = self.stage(pid)
+        if not self.flusher.submit(taken.staged):
+            with self._lock:
+                self._taken.pop(taken.staged.name, None)
+            return None
+        return taken
+
+    def request(self, pid: int) -> Staged | None:
+        """An explicit request (``hpcckpt checkpoint``): queued if the waiting slot is free, whatever on_busy says."""
+        if len(self.flusher.in_flight()) >= 2:  # one flushing and one waiting: nowhere to put it
+            return None
+        taken = self.stage(pid)
+        if not self.flusher.submit(taken.staged, force=True, timeout=0):
+            with self._lock:
+                self._taken.pop(taken.staged.name, None)
+            return None
+        return taken
+
+    # -- synchronous and final checkpoints -----------------------------------------
+
+    def checkpoint(
+        self, pid: int, *, final: bool = False, deadline: float | None = None, thaw_on_failure: bool = True
+    ) -> CheckpointResult:
+        """Dump, flush and wait for the commit, all before ``deadline``.
+
+        ``final``: the tree stays stopped until its image is committed and is
+        then killed; if no image could be committed in time it is thawed
+        (``thaw_on_failure``) or left stopped for the caller to end.
+        """
+        taken = self.stage(pid, final=final, deadline=deadline)
+        name = taken.staged.name
         try:
-            self.engine.cpuinfo_dump(staging)
-            t1 = time.monotonic()
-            with self.store.publish(self.catalog, job_id=self.job.identity.job_id, engine=self.engine.name,
-                                    node=self.node, **self._begin_kwargs()) as pub:
-                meta = self._meta(pub.ckptid, pid)
-                out = DeadlineWriter(pub.file, deadline)
-                pack_dir(staging, out, meta, tasks=tasks, files=files,  # type: ignore[arg-type]
-                         codec=self.pack.codec, level=self.pack.level, chunk_size=self.pack.chunk_size)
-                ckptid, path = pub.ckptid, pub.path
-        except (HpcckptError, OSError) as err:
-            if final:
-                signal_tree(pids, signal.SIGCONT)
-            hlog.event(_log, "checkpoint.publish_failed", f"checkpoint of job {self.job.identity.job_id} was "
-                       f"not published: {err}; the previous image stays the latest", 40)
-            if isinstance(err, OSError):
-                raise StoreError(f"writing the checkpoint failed: {err}",
-                                 hint="check free space and permissions of the store") from err
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.flusher.submit(taken.staged, force=True, timeout=left):
+                raise DeadlineExceededError("the flush in progress did not make room before the deadline; "
+                                            "nothing was committed and the previous image stays the latest")
+            res = self.wait(name, deadline)
+            if res is None:
+                self._abort(keep=final and not thaw_on_failure)
+                raise DeadlineExceededError(
+                    "the checkpoint deadline passed while the image was being written; nothing was committed "
+                    "and the previous image stays the latest",
+                    hint="raise --deadline (policy preemption.grace_time) or checkpoint to faster storage",
+                )
+            if not isinstance(res, CheckpointResult):
+                raise StoreError(f"writing the checkpoint failed: {res.error}",
+                                 hint="check free space and permissions of the store")
+        except BaseException:
+            with self._lock:
+                self._taken.pop(name, None)
+            if final and thaw_on_failure:
+                signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)
             raise
         if final:
-            signal_tree(list(reversed(pids)), signal.SIGKILL)
-            frozen = time.monotonic() - t0
-        size = path.stat().st_size
-        pack_s = time.monotonic() - t1
-        result = CheckpointResult(ckptid=ckptid, path=path, size_bytes=size, frozen_s=frozen,
-                                  dump_s=dumped.frozen_s, pack_s=pack_s, total_s=time.monotonic() - t0, final=final)
-        hlog.event(_log, "checkpoint.committed", f"checkpoint {ckptid} of job {self.job.identity.job_id} committed",
-                   job_id=self.job.identity.job_id, **result.to_dict())
-        if self.retention is not None:
-            try:
-                self.retention()
-            except (HpcckptError, OSError) as err:  # a full store must not fail a good checkpoint
-                hlog.event(_log, "checkpoint.retention_failed", f"retention failed: {err}", 30)
-        return result
+            signal_tree(list(reversed(procinfo.tree_pids(pid))), signal.SIGKILL)
+        with self._lock, contextlib.suppress(ValueError):
+            self._fresh.remove(res)
+        return res
 
+    def _abort(self, *, keep: bool) -> None:
+        """Stop the flusher at its next write; keep complete staged dumps for the epilog, or delete them.
+
+        They are kept only when the job is ending and an epilog will publish
+        them; a job that runs on would otherwise have an old state published
+        after its newer images. A fresh flusher goes on from the same parent.
+        """
+        parent = self.flusher.parent
+        left = self.flusher.abort(timeout=5.0)
+        if not (keep and self.epilog_salvages):
+            for s in left:
+                s.remove()
+        self.flusher = self._new_flusher(parent)
+
+    def finish(self, timeout: float | None, *, job_ended: bool = True) -> bool:
+        """At the runner's end: let the flush in flight complete, else abort it; False if aborted."""
+        done = self.flusher.close(timeout)
+        if not done:
+            self._abort(keep=job_ended)
+            self.flusher.close(0)
+        return done
+
+    def cleanup_staging(self) -> None:
+        """Remove the job's staging directories once empty (never anything in them)."""
+        user, job = self.job.user, self.job.identity.job_id
+        for path in staging_candidates(user, job, self.disk_staging,
+                                       tmpfs=self.tmpfs if self.tmpfs is not None else TMPFS):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)

@@ -2,16 +2,22 @@
 
 For each candidate image, newest first (or only the one asked for):
 
-1. verify every byte of it (``verify_image``) before CRIU sees any of it;
-2. check this node can run it: architecture and kernel from the header,
-   then the job's open files (pure logic in :func:`plan_files`);
-3. unpack it into a fresh private staging directory (verifying again, as
-   the bytes on disk could change between the two reads);
-4. check the ids inside the CRIU images and the owner (``authorize_restore``),
+1. unpack it into a fresh private directory on tmpfs when the node has the
+   memory for it (else node-local disk), verifying every byte on the way,
+   and for an incremental image every chunk it takes from its parents
+   (found through the catalog); nothing of a bad image is left behind, and
+   CRIU never sees a byte that was not checked;
+2. check this node can run it: architecture from the header, then the
+   job's open files (pure logic in :func:`plan_files`);
+3. check the ids inside the CRIU images and the owner (``authorize_restore``),
    then ``criu cpuinfo check``;
-5. only then fix up grown output files (policy ``restore.grown_files``) and
+4. only then fix up grown output files (policy ``restore.grown_files``) and
    run ``criu restore`` with fresh stdout/stderr pipes handed in with
-   ``--inherit-fd``.
+   ``--inherit-fd``, with the credentials of the image's owner.
+
+Root restores another user's image only when asked explicitly
+(``allow_other_user``, ``hpcckpt resume --as-owner``), and then CRIU runs
+as that user, never with root's power.
 
 A corrupt image, or a restore that CRIU refuses, makes us say so and try
 the one before it. A node or file mismatch (:class:`IncompatibleError`)
@@ -21,6 +27,7 @@ the user must be told what differs rather than be given an older state.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import socket
@@ -32,7 +39,7 @@ from typing import Any
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
 from hpcckpt.context import User
-from hpcckpt.engine.base import CheckpointEngine, DumpOptions
+from hpcckpt.engine.base import CheckpointEngine, DumpOptions, RestoreResult
 from hpcckpt.errors import (
     EngineError,
     HpcckptError,
@@ -42,10 +49,12 @@ from hpcckpt.errors import (
     PermissionDeniedError,
     UsageError,
 )
-from hpcckpt.fsutil import ensure_private_dir
-from hpcckpt.image import ImageSummary, OpenFile, unpack_image, verify_image
+from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
+from hpcckpt.image.parent import chain_info
+from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver
+from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner.launch import StdioPipes
-from hpcckpt.security import authorize_restore
+from hpcckpt.security import authorize_restore, popen_credentials, restore_credentials_for
 
 _log = hlog.get("resume")
 GROWN_CHOICES = ("truncate", "keep", "refuse")
@@ -143,11 +152,49 @@ class Restored:
     pipes: StdioPipes
     fallbacks: list[str]
     restore_s: float
+    image: Path | None = None  # the image restored from: the parent of the next checkpoint
+    staging: str = ""  # where it was unpacked: "tmpfs" | "disk"
 
     @property
     def interval(self) -> float | None:
         v = self.summary.meta.extra.get("interval")
         return float(v) if isinstance(v, (int, float)) else None
+
+
+def catalog_refs(catalog: Catalog) -> Lookup:
+    """A ckptid lookup over an open catalog, for resolving an incremental image's parents."""
+
+    def lookup(ckptid: int) -> CkptRef | None:
+        rec = catalog.get(ckptid)
+        if rec is None:
+            return None
+        return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "",
+                       status=str(getattr(rec.status, "value", rec.status)))
+
+    return lookup
+
+
+def raw_size_estimate(image: Path) -> int:
+    """Bytes an unpacked image will take, from its header alone (no full read).
+
+    An incremental file is small but unpacks to its whole chain's memory, so
+    the chain's full image counts too; images compress up to about 2:1.
+    """
+    try:
+        size = image.stat().st_size
+        meta = read_header(image)
+    except (OSError, ImageError):
+        return 0
+    base = chain_info(meta, str(image)).get("base_bytes", 0) if meta.parent_ckptid else 0
+    return 2 * (size + base)
+
+
+def engine_runs_as(engine: CheckpointEngine) -> bool:
+    """Whether the engine's ``restore`` takes ``run_as`` (a user to run CRIU as)."""
+    try:
+        return "run_as" in inspect.signature(engine.restore).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class Resumer:
@@ -157,16 +204,21 @@ class Resumer:
         engine: CheckpointEngine,
         catalog: Catalog,
         user: User,
-        staging_root: Path,
+        disk_staging: Path,
         options: DumpOptions,
         grown_files: str = "truncate",
+        tmpfs: Path | None = TMPFS,
+        allow_other_user: bool = False,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.user = user
-        self.staging_root = staging_root
+        self.disk_staging = disk_staging
+        self.tmpfs = tmpfs
         self.options = options
         self.grown_files = grown_files
+        self.allow_other_user = allow_other_user
+        self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
         if ckptid is not None:
@@ -203,31 +255,46 @@ class Resumer:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
 
+    def _owner_check(self, rec: CkptRecord, owner: User) -> None:
+        if owner.uid == os.geteuid():
+            return
+        if not (self.user.is_root and self.allow_other_user):
+            raise PermissionDeniedError(
+                f"checkpoint {rec.ckptid} belongs to {owner.name}; a restore runs with the credentials of "
+                "the user who asks for it",
+                hint=f"run 'hpcckpt resume' as {owner.name} (for example from their batch job), or as root "
+                "with --as-owner, which restores it with their credentials",
+            )
+        if not engine_runs_as(self.engine):
+            raise PermissionDeniedError(
+                f"checkpoint {rec.ckptid} belongs to {owner.name}, and this CRIU adapter cannot yet run a "
+                "restore with another user's credentials; root never restores it with its own",
+                hint=f"run 'hpcckpt resume' as {owner.name}",
+            )
+
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
-        summary = verify_image(image)
-        check_system(summary)
-        plan = plan_files(summary.files, self.grown_files)
-        if plan.problems:
-            raise IncompatibleError(
-                f"checkpoint {rec.ckptid} of job {rec.job_id} does not match the job's files now:\n  "
-                + "\n  ".join(plan.problems),
-                hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
-            )
-        dest = self.staging_root / f"restore-{os.getpid()}-{rec.ckptid}"
+        # Root restoring for someone unpacks into *their* staging, which CRIU running as them can read.
+        stager = restore_credentials_for(image) if self.user.is_root and self.allow_other_user else self.user
+        choice = choose_staging(stager, rec.job_id, raw_size_estimate(image), disk_root=self.disk_staging,
+                                tmpfs=self.tmpfs)
+        dest = choice.root / f"restore-{os.getpid()}-{rec.ckptid}"
         if dest.exists():
             shutil.rmtree(dest)
-        ensure_private_dir(self.staging_root, self.user.uid, self.user.gid, base=self.staging_root.parent)
         try:
-            unpack_image(image, dest)
+            # Verifies every byte (and every chunk taken from a parent) while writing; a bad image leaves nothing.
+            summary = unpack_image(image, dest, self.resolve_parent)
+            check_system(summary)
+            plan = plan_files(summary.files, self.grown_files)
+            if plan.problems:
+                raise IncompatibleError(
+                    f"checkpoint {rec.ckptid} of job {rec.job_id} does not match the job's files now:\n  "
+                    + "\n  ".join(plan.problems),
+                    hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
+                )
             owner = authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
                                       allow_root=True)
-            if owner.uid != os.geteuid():
-                raise PermissionDeniedError(
-                    f"checkpoint {rec.ckptid} belongs to {owner.name}; a restore runs with the credentials of "
-                    "the user who asks for it",
-                    hint=f"run 'hpcckpt resume' as {owner.name} (for example from their batch job)",
-                )
+            self._owner_check(rec, owner)
             if summary.meta.extra.get("cpuinfo"):
                 ok, why = self.engine.cpuinfo_check(dest)
                 if not ok:
@@ -245,7 +312,7 @@ class Resumer:
                     if isinstance(stdio.get(job_fd), str):
                         inherit[ours] = str(stdio[job_fd])
             try:
-                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit)
+                res = self._restore(dest, inherit, owner)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
@@ -260,9 +327,23 @@ class Resumer:
         except HpcckptError as err:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
-                   ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3))
+                   ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
+                   parents=summary.parents)
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
-                        fallbacks=[], restore_s=res.seconds)
+                        fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind)
+
+    def _restore(self, dest: Path, inherit: dict[int, str], owner: User) -> RestoreResult:
+        if owner.uid == os.geteuid():
+            return self.engine.restore(dest, options=self.options, inherit_fds=inherit)
+        # Root on the owner's behalf (checked in _owner_check): CRIU must read the images as them.
+        popen_credentials(owner)  # refuses unless we may switch to them
+        for d, dirs, files in os.walk(dest, followlinks=False):
+            for name in [*dirs, *files]:
+                os.chown(os.path.join(d, name), owner.uid, owner.gid, follow_symlinks=False)
+        os.chown(dest, owner.uid, owner.gid, follow_symlinks=False)
+        restore: Any = self.engine.restore
+        result: RestoreResult = restore(dest, options=self.options, inherit_fds=inherit, run_as=owner)
+        return result
 
 
 def describe(restored: Restored) -> dict[str, Any]:

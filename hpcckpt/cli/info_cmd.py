@@ -11,7 +11,7 @@ from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_OK, ImageError
 from hpcckpt.image import read_header, verify_image
 from hpcckpt.image.render import render_summary
-from hpcckpt.image.resolve import catalog_lookup, resolve_image
+from hpcckpt.image.resolve import catalog_lookup, parent_resolver, resolve_image
 
 HELP = """\
 Show an image: its header (job, engine, node, kernel, command line), the
@@ -21,7 +21,9 @@ ratios, and the error records of a failed checkpoint.
 The whole image is read and checked on the way (as 'hpcckpt verify' does);
 if it is corrupt, what could be read of its header is shown before the error.
 
-IMAGE|CKPTID is an image file, or a checkpoint id from 'hpcckpt list'.
+IMAGE|CKPTID is an image file, or a checkpoint id from 'hpcckpt list'. An
+incremental image is verified with every image of its chain (found through
+the catalog; 'parents' lists them).
 
 examples:
   hpcckpt info 17
@@ -43,9 +45,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     user = current_user()
-    path = resolve_image(args.image, user, catalog_lookup(user, args.store, args.catalog, args.policy))
+    lookup = catalog_lookup(user, args.store, args.catalog, args.policy)
+    path = resolve_image(args.image, user, lookup)
     try:
-        summary = verify_image(path)
+        # An incremental image is checked with its whole chain, its parents found through the catalog.
+        summary = verify_image(path, parent_resolver(user, lookup))
     except ImageError:
         if not args.json:
             try:

@@ -20,10 +20,26 @@ that shrank, was replaced, or a read-only input that changed is refused). If
 the latest image is corrupt or CRIU cannot restore it, the one before it is
 used, and a warning says so.
 
+An incremental image is restored with its whole chain (each parent found
+through the catalog and checked chunk by chunk); it is unpacked into tmpfs
+when the node has the memory for it. The first checkpoint after the resume
+is incremental on the image restored from.
+
+With --submit nothing is restored here: a new Slurm job is submitted with
+JOBID's batch script and resources, which resumes JOBID's latest image when
+it starts; its job id is printed.
+
+Root restores another user's checkpoint only with --as-owner (and
+--catalog pointing at that user's catalog), and then CRIU runs with that
+user's credentials, never root's; an image whose CRIU ids are not the
+owner's is refused.
+
 examples:
   hpcckpt resume 4242
   hpcckpt resume 4242 --ckpt 17
   hpcckpt resume mysim --interval 10m
+  hpcckpt resume 4242 --submit                         # prints the new job id
+  hpcckpt resume 4242 --submit --sbatch=--partition=long --sbatch=--time=2:00:00
 
 exit codes: the job's own status (128+N if killed by signal N); 85
   checkpointed and stopped; 4 every image corrupt; 8 CRIU failed; 9 this node
@@ -38,7 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("--ckpt", type=int, metavar="ID", help="this checkpoint, not the latest")
     p.add_argument("--interval", metavar="S", help="seconds between checkpoints after the restore")
     p.add_argument("--deadline", type=float, metavar="S", help="seconds a final checkpoint may take")
-    p.add_argument("--submit", action="store_true", help="submit a new Slurm job that resumes JOBID")
+    p.add_argument("--submit", action="store_true",
+                   help="submit a new Slurm job that resumes JOBID, print its job id, and return")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPT",
+                   help="with --submit: an extra sbatch option (repeatable; write --sbatch=--time=1:00:00)")
+    p.add_argument("--as-owner", action="store_true",
+                   help="root only: restore another user's checkpoint, running CRIU as that user")
     add_store_args(p)
     p.set_defaults(func=run)
 
@@ -46,10 +67,15 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.ckpt is not None and args.ckpt <= 0:
         raise UsageError(f"--ckpt must be a positive checkpoint id, got {args.ckpt}")
-    if args.submit:
-        raise UsageError("--submit is handled by the Slurm integration; use 'hpcckpt slurm' or see docs/slurm.md")
-    from hpcckpt.runner.session import SessionOptions, resume_job
+    if args.sbatch and not args.submit:
+        raise UsageError("--sbatch needs --submit")
+    from hpcckpt.runner.session import SessionOptions, resume_job, submit_resume_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline)
-    return resume_job(args.job_id, opts, ckptid=args.ckpt)
+    if args.submit:
+        if args.ckpt is not None or args.as_owner:
+            raise UsageError("--submit resumes the latest checkpoint as yourself; drop --ckpt and --as-owner")
+        print(submit_resume_job(args.job_id, opts, extra_options=list(args.sbatch)))
+        return 0
+    return resume_job(args.job_id, opts, ckptid=args.ckpt, allow_other_user=args.as_owner)

@@ -62,6 +62,9 @@ def render_summary(path: str, s: ImageSummary) -> str:
         f"cwd         {m.cwd or '-'}",
         f"policy      {m.policy_digest or '-'}",
     ]
+    if s.parents:
+        out.insert(4, f"chain       incremental on {', '.join(map(str, s.parents))}: {human_size(s.ref_bytes)} "
+                   f"taken from them, {'verified with them' if s.parents_verified else 'parents NOT verified'}")
     if s.errors:
         out.append("")
         out.append("errors:")

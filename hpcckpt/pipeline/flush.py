@@ -136,6 +136,10 @@ class StorePublisher:
             cat = self._local.cat = self._open_catalog()
         return cat
 
+    def catalog(self) -> Any:
+        """This thread's own catalog connection (retention runs on the flusher's thread with it)."""
+        return self._cat()
+
     def publish(self, staged: StagedCheckpoint, parent: int | None, write: Write) -> tuple[int, Path]:
         meta = staged.meta
         assert meta is not None, "only complete staged checkpoints are published"

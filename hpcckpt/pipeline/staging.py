@@ -100,7 +100,7 @@ def choose_staging(
     rss: int,
     *,
     disk_root: Path | None,
-    tmpfs: Path = TMPFS,
+    tmpfs: Path | None = TMPFS,
     factor: float = DEFAULT_FACTOR,
     mem_available: int | None = None,
 ) -> StagingChoice:
@@ -108,19 +108,23 @@ def choose_staging(
 
     ``disk_root`` is the policy's ``storage.staging`` (node-local disk); the
     directory made is ``ROOT/USER/JOB`` in either place, 0700, owned by the user.
+    ``tmpfs`` None never uses tmpfs; otherwise only a trusted
+    ``TMPFS/hpcckpt-staging`` is used (see :func:`tmpfs_base`).
     """
     need = int(rss * factor)
     avail = psutil.virtual_memory().available if mem_available is None else mem_available
-    tmpfs_free = _free_bytes(tmpfs)
-    if tmpfs_free >= need and avail >= need and os.path.isdir(tmpfs):
-        base = tmpfs / TMPFS_SUBDIR
+    tbase = tmpfs_base(tmpfs) if tmpfs is not None else None
+    tmpfs_free = _free_bytes(tbase) if tbase is not None else 0
+    if tbase is not None and tmpfs_free >= need and avail >= need:
+        base = tbase
         kind = "tmpfs"
         reason = f"tmpfs has {tmpfs_free} bytes free and the node {avail} available, job needs ~{need}"
     elif disk_root is not None:
         base = Path(disk_root)
         kind = "disk"
         reason = (f"tmpfs too small for ~{need} bytes (free {tmpfs_free}, available memory {avail}); "
-                  f"using storage.staging")
+                  f"using storage.staging" if tbase is not None else
+                  f"no trusted {TMPFS_SUBDIR} directory on tmpfs; using storage.staging")
     else:
         raise StoreError(
             f"no staging for a job of {rss} bytes: tmpfs {tmpfs} has {tmpfs_free} bytes free, "
@@ -131,6 +135,29 @@ def choose_staging(
     path = base / user.name / fsutil.safe_job_component(job_id)
     fsutil.ensure_private_dir(path, user.uid, user.gid, base=base)
     return StagingChoice(path, kind, reason)
+
+
+def tmpfs_base(tmpfs: Path = TMPFS) -> Path | None:
+    """``TMPFS/hpcckpt-staging`` if it is a directory only root (or we) may write, else None.
+
+    tmpfs is world-writable: a directory another user made there first, or a
+    symlink, would put our dumps (and the tree the root epilog walks) in
+    their hands. Root makes it (0755) when missing, as the Slurm prolog does;
+    anyone else only uses one that is already there and safe.
+    """
+    base = Path(tmpfs) / TMPFS_SUBDIR
+    if not os.path.isdir(tmpfs):
+        return None
+    if fsutil.running_as_root():
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(base, 0o755)
+    try:
+        st = os.lstat(base)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or stat.S_IMODE(st.st_mode) & 0o022:
+        return None
+    return base
 
 
 def _write_file_at(dir_fd: int, name: str, data: bytes, user: User) -> None:

@@ -6,10 +6,15 @@ way the command line does.
 Where things go:
 
 * images: the store (``--store``, ``$HPCCKPT_STORE``, policy ``storage.root``);
-* CRIU's raw dump: a node-local staging directory, ``STAGING/USER/JOB``
-  where STAGING is ``$HPCCKPT_STAGING`` or policy ``storage.staging`` (the
-  layout the Slurm prolog creates), else ``$TMPDIR/hpcckpt-staging-UID`` or
-  ``/var/tmp/...``; every level below the base is 0700 and the user's.
+* CRIU's raw dump: node-local staging, ``BASE/USER/JOB/stage-*``, where
+  BASE is ``/dev/shm/hpcckpt-staging`` when the node has the memory for the
+  dump (checked at each checkpoint), else ``$HPCCKPT_STAGING`` or policy
+  ``storage.staging`` (the layouts the Slurm prolog creates and the epilog
+  salvages), else ``$TMPDIR/hpcckpt-staging-UID`` or ``/var/tmp/...``;
+  every level below the base is 0700 and the user's. The flusher publishes
+  each staged dump in the background (:mod:`hpcckpt.checkpoint`);
+* after a restore, the next checkpoint is incremental on the image the job
+  was restored from, so the chain goes on across restarts.
 
 When ``hpcckpt run`` resumes instead of starting: after a Slurm requeue
 (same ``SLURM_JOB_ID`` and ``SLURM_RESTART_COUNT`` > 0), with
@@ -30,20 +35,23 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo, PackSettings
+from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import User, current_user, resolve_catalog_url, resolve_store_root
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import Criu
-from hpcckpt.errors import NotFoundError, UsageError
-from hpcckpt.fsutil import ensure_private_dir, safe_job_component
+from hpcckpt.errors import HpcckptError, NotFoundError, UsageError
+from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.pipeline.compress import compression_workers
+from hpcckpt.pipeline.flush import FlushSettings, Publisher, StorePublisher
+from hpcckpt.pipeline.predump import PreDumpPlan, plan_predump
 from hpcckpt.policy import Policy, load_policy
 from hpcckpt.policy.daly import choose_interval
 from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
-from hpcckpt.runner.runner import Runner, RunnerConfig, SignalPlan
+from hpcckpt.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
 from hpcckpt.store import Store
 
 _log = hlog.get("session")
@@ -70,6 +78,7 @@ class Environment:
     store: Store
     catalog: Catalog
     engine: CheckpointEngine
+    catalog_url: str | None = None  # as resolved (None: the per-user SQLite default), to open more connections
 
 
 def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = None) -> Environment:
@@ -79,20 +88,18 @@ def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = Non
     pol = load_policy(user_file=Path(opts.policy) if opts.policy else None, cli=cli or None)
     user = current_user()
     root = resolve_store_root(opts.store, pol.storage.root)
-    catalog = open_catalog(resolve_catalog_url(opts.catalog, pol.storage.catalog), root, user)
-    return Environment(pol, user, root, Store(root, user), catalog, engine or Criu.locate())
+    url = resolve_catalog_url(opts.catalog, pol.storage.catalog)
+    catalog = open_catalog(url, root, user)
+    return Environment(pol, user, root, Store(root, user), catalog, engine or Criu.locate(), url)
 
 
-def staging_dir(env: Environment, job_id: str) -> Path:
+def disk_staging_base(env: Environment) -> Path:
+    """Node-local disk staging: ``$HPCCKPT_STAGING`` or ``storage.staging`` (the layout the Slurm prolog
+    makes), else a per-uid directory in ``$TMPDIR`` or /var/tmp. Jobs stage in ``BASE/USER/JOB``."""
     configured = os.environ.get("HPCCKPT_STAGING") or env.policy.storage.staging
     if configured:
-        base = Path(configured)
-        path = base / env.user.name / safe_job_component(job_id)
-    else:
-        base = Path(os.environ.get("TMPDIR") or "/var/tmp")
-        path = base / f"hpcckpt-staging-{env.user.uid}" / safe_job_component(job_id)
-    ensure_private_dir(path, env.user.uid, env.user.gid, base=base)
-    return path
+        return Path(configured)
+    return Path(os.environ.get("TMPDIR") or "/var/tmp") / f"hpcckpt-staging-{env.user.uid}"
 
 
 def interval_chooser(pol: Policy) -> Callable[[list[float]], float | None]:
@@ -112,23 +119,57 @@ def deadline_seconds(pol: Policy, cli: float | None) -> float:
     return max(1.0, float(pol.preemption.grace_time) - float(pol.preemption.grace_margin))
 
 
-def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: JobInfo) -> Runner:
+PublisherFactory = Callable[[Environment], Publisher]
+
+
+def store_publisher(env: Environment) -> Publisher:
+    """The real publisher: the store, with a catalog connection per thread (the flusher has its own)."""
+    url = env.catalog_url
+    return StorePublisher(env.store, lambda: open_catalog(url, env.store_root, env.user))
+
+
+def _predump_plan(engine: CheckpointEngine) -> PreDumpPlan | None:
+    if isinstance(engine, Criu):
+        try:
+            return plan_predump(engine)
+        except HpcckptError as err:
+            hlog.event(_log, "runner.predump_probe", f"cannot probe CRIU for memory tracking: {err}", 30)
+    return None
+
+
+def _chain_parent(env: Environment, restored: Restored | None) -> ParentIndex | None:
+    """After a restore, the next checkpoint is incremental on the image restored from (never a gap)."""
+    if restored is None or restored.image is None or not env.policy.pipeline.incremental:
+        return None
+    try:
+        return ParentIndex.from_image(restored.image)
+    except HpcckptError as err:
+        hlog.event(_log, "runner.no_parent", f"{restored.image} cannot be the next checkpoint's parent: {err}; "
+                   "the next checkpoint is a full image", 30)
+        return None
+
+
+def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: JobInfo, signals: SignalQueue, *,
+            parent: ParentIndex | None = None, publisher: PublisherFactory | None = None) -> Runner:
     pol = env.policy
     retention = RetentionPolicy.from_policy(pol)
 
-    def apply() -> None:
-        apply_retention(env.catalog, env.store, retention, job_id=ident.job_id)
+    def apply(cat: Catalog) -> None:
+        apply_retention(cat, env.store, retention, job_id=ident.job_id)
 
+    codec = str(pol.storage.compression.codec)
     ckpt = Checkpointer(
-        engine=env.engine, store=env.store, catalog=env.catalog, job=job,
-        staging_root=staging_dir(env, ident.job_id), options=DumpOptions.from_policy(pol),
-        pack=PackSettings.from_policy(pol), retention=apply,
+        engine=env.engine, store=env.store, catalog=env.catalog, job=job, options=DumpOptions.from_policy(pol),
+        flush=FlushSettings.from_policy(pol, workers=compression_workers(codec)),
+        publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
+        retention=apply, predump=_predump_plan(env.engine), epilog_salvages=bool(os.environ.get("SLURM_JOB_ID")),
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
         interval=interval_chooser(pol),
         deadline_s=deadline_seconds(pol, opts.deadline),
-        signals=SignalPlan.from_names(list(opts.signals or pol.preemption.signals)),
+        signals=signals.plan,
+        async_flush=bool(pol.pipeline.async_flush),
     )
     control: ControlServer | None
     try:
@@ -138,12 +179,20 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         # and checkpoints; only 'hpcckpt checkpoint JOBID' cannot reach it.
         hlog.event(_log, "runner.no_control", f"{err}; this runner takes no checkpoint requests", 30)
         control = None
-    return Runner(cfg, ckpt, control)
+    return Runner(cfg, ckpt, control, signals)
 
 
-def _resumer(env: Environment, job_id: str) -> Resumer:
-    return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, staging_root=staging_dir(env, job_id),
-                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files)
+def _resumer(env: Environment, *, allow_other_user: bool = False) -> Resumer:
+    return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
+                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files,
+                   allow_other_user=allow_other_user)
+
+
+def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
+    """Installed before the job is started or restored: a preemption signal during a restore is not lost."""
+    sq = SignalQueue(SignalPlan.from_names(list(opts.signals or env.policy.preemption.signals)))
+    sq.install()
+    return sq
 
 
 def _interval_for_env(pol: Policy) -> str:
@@ -163,8 +212,12 @@ def run_job(
     job_id: str | None = None,
     resume_if_possible: bool = False,
     engine: CheckpointEngine | None = None,
+    publisher: PublisherFactory | None = None,
 ) -> int:
-    """``hpcckpt run``: start (or auto-resume) the job, checkpoint it, return its exit status."""
+    """``hpcckpt run``: start (or auto-resume) the job, checkpoint it, return its exit status.
+
+    ``publisher`` replaces the store publisher (tests inject a slow one).
+    """
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
     ident = resolve(job_id)
@@ -174,58 +227,83 @@ def run_job(
     restored: Restored | None = None
     source_job = resume_from or ident.job_id
     set_child_subreaper()
-    if want_resume:
-        try:
-            restored = _resumer(env, ident.job_id).resume(source_job)
-        except NotFoundError as err:
-            hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
-                       "starting the command", job_id=ident.job_id)
-    _announce(ident)
-    job_env = dict(os.environ)
-    job_env.update({"HPCCKPT_JOB_ID": ident.job_id, "HPCCKPT_STORE": str(env.store_root),
-                    "HPCCKPT_CKPT_INTERVAL": _interval_for_env(env.policy)})
-    if restored is not None:
-        meta = restored.summary.meta
-        job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                      stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
-        runner = _runner(env, opts, ident, job)
-        runner.install_signals()
-        runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
-    else:
-        pipes = StdioPipes.create()
-        job = JobInfo(identity=ident, user=env.user, cmdline=list(argv), cwd=os.getcwd(),
-                      stdio=dict(pipes.resources), interval=None, policy_digest=env.policy.digest())
-        runner = _runner(env, opts, ident, job)
-        runner.install_signals()
-        try:
-            pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes)
-        finally:
-            pipes.close_write_ends()
-        hlog.event(_log, "runner.started", f"job {ident.job_id} started as pid {pid}", job_id=ident.job_id, pid=pid,
-                   node=socket.gethostname())
-        runner.attach(pid, pipes.out_r, pipes.err_r)
+    signals = _signal_queue(env, opts)
+    try:
+        if want_resume:
+            try:
+                restored = _resumer(env).resume(source_job)
+            except NotFoundError as err:
+                hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
+                           "starting the command", job_id=ident.job_id)
+        _announce(ident)
+        job_env = dict(os.environ)
+        job_env.update({"HPCCKPT_JOB_ID": ident.job_id, "HPCCKPT_STORE": str(env.store_root),
+                        "HPCCKPT_CKPT_INTERVAL": _interval_for_env(env.policy)})
+        if restored is not None:
+            meta = restored.summary.meta
+            job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
+                          stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
+            runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored),
+                             publisher=publisher)
+            runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+        else:
+            pipes = StdioPipes.create()
+            job = JobInfo(identity=ident, user=env.user, cmdline=list(argv), cwd=os.getcwd(),
+                          stdio=dict(pipes.resources), interval=None, policy_digest=env.policy.digest())
+            runner = _runner(env, opts, ident, job, signals, publisher=publisher)
+            try:
+                pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes)
+            finally:
+                pipes.close_write_ends()
+            hlog.event(_log, "runner.started", f"job {ident.job_id} started as pid {pid}", job_id=ident.job_id,
+                       pid=pid, node=socket.gethostname())
+            runner.attach(pid, pipes.out_r, pipes.err_r)
+    except BaseException:
+        signals.restore()
+        raise
     return _drive(runner)
 
 
 def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
-               engine: CheckpointEngine | None = None) -> int:
-    """``hpcckpt resume``: restore the job as our child, keep checkpointing it, return its exit status."""
+               engine: CheckpointEngine | None = None, allow_other_user: bool = False,
+               publisher: PublisherFactory | None = None) -> int:
+    """``hpcckpt resume``: restore the job as our child, keep checkpointing it, return its exit status.
+
+    ``allow_other_user``: root may restore another user's image, with that user's credentials.
+    """
     env = load_environment(opts, engine)
-    ident = JobIdentity(job_id, "cli")
     set_child_subreaper()
-    restored = _resumer(env, job_id).resume(job_id, ckptid)
-    meta = restored.summary.meta
-    ident = JobIdentity(job_id, "cli", meta.requeue_count, meta.array_job_id, meta.array_task_id, meta.step)
-    for line in restored.fallbacks:
-        sys.stderr.write(f"hpcckpt: warning: {line}\n")
-    sys.stderr.write(f"hpcckpt: job {job_id} resumed from checkpoint {restored.ckptid}\n")
-    sys.stderr.flush()
-    job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                  stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
-    runner = _runner(env, opts, ident, job)
-    runner.install_signals()
-    runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+    signals = _signal_queue(env, opts)
+    try:
+        restored = _resumer(env, allow_other_user=allow_other_user).resume(job_id, ckptid)
+        meta = restored.summary.meta
+        ident = JobIdentity(job_id, "cli", meta.requeue_count, meta.array_job_id, meta.array_task_id, meta.step)
+        for line in restored.fallbacks:
+            sys.stderr.write(f"hpcckpt: warning: {line}\n")
+        sys.stderr.write(f"hpcckpt: job {job_id} resumed from checkpoint {restored.ckptid}\n")
+        sys.stderr.flush()
+        job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
+                      stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
+        runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored), publisher=publisher)
+        runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+    except BaseException:
+        signals.restore()
+        raise
     return _drive(runner)
+
+
+def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Sequence[str] = ()) -> str:
+    """``hpcckpt resume JOBID --submit``: a new Slurm job that resumes JOBID; returns its id. No CRIU needed."""
+    from hpcckpt.slurm.submit import submit_resume
+
+    pol = load_policy(user_file=Path(opts.policy) if opts.policy else None)
+    user = current_user()
+    root = resolve_store_root(opts.store, pol.storage.root)
+    cat = open_catalog(resolve_catalog_url(opts.catalog, pol.storage.catalog), root, user)
+    try:
+        return submit_resume(job_id, catalog=cat, user=user, store_root=root, extra_options=extra_options)
+    finally:
+        cat.close()
 
 
 def _drive(runner: Runner) -> int:

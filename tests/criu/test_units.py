@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo, PackSettings
+from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.engine.base import DumpOptions, DumpResult, RestoreResult
 from hpcckpt.engine.criu import log_excerpt
 from hpcckpt.errors import EngineError, RunnerUnreachableError, UsageError
 from hpcckpt.image import OpenFile, verify_image
 from hpcckpt.jobid import resolve
+from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
 from hpcckpt.resume import FileState, plan_files
 from hpcckpt.runner.control import ControlServer, request
 from hpcckpt.store import Store
@@ -123,13 +124,19 @@ class FileEngine(FailingEngine):
         return DumpResult(0.001, images_dir / "dump.log", images_dir)
 
 
+def user_name() -> str:
+    return current_user().name
+
+
 def make(tmp_path: Path, engine: FailingEngine) -> Checkpointer:
     user = current_user()
     cat = open_catalog(None, tmp_path / "store", user)
     job = JobInfo(identity=resolve("unit", {}), user=user, cmdline=["x"], cwd="/", stdio={}, interval=None)
     (tmp_path / "stage").mkdir()
-    return Checkpointer(engine=engine, store=Store(tmp_path / "store", user), catalog=cat, job=job,
-                        staging_root=tmp_path / "stage" / "unit", options=DumpOptions(), pack=PackSettings())
+    store = Store(tmp_path / "store", user)
+    pub = StorePublisher(store, lambda: open_catalog(None, store.root, user))
+    return Checkpointer(engine=engine, store=store, catalog=cat, job=job, options=DumpOptions(),
+                        flush=FlushSettings(), publisher=pub, disk_staging=tmp_path / "stage", tmpfs=None)
 
 
 def test_failed_dump_is_recorded_with_criu_log_and_previous_stays_latest(tmp_path: Path) -> None:
@@ -144,7 +151,7 @@ def test_failed_dump_is_recorded_with_criu_log_and_previous_stays_latest(tmp_pat
     assert len(failed) == 1 and "cannot seize" in (failed[0].error or "")
     latest = good.catalog.latest("unit")
     assert latest is not None and latest.ckptid == first.ckptid
-    assert not any((tmp_path / "stage" / "unit").iterdir())
+    assert not any((tmp_path / "stage" / user_name() / "unit").iterdir())
 
 
 def test_deadline_passed_commits_nothing(tmp_path: Path) -> None:
