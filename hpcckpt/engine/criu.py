@@ -49,8 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcckpt import log as hlog
+from hpcckpt.criuimg import UID_KINDS, scan_credentials
 from hpcckpt.engine.base import AFTER_DUMP, DumpOptions, DumpResult, RestoreResult
-from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError
+from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError, UnreadableImageError
 
 _log = hlog.get("engine.criu")
 
@@ -85,6 +86,19 @@ def _tool(name: str) -> str:
     if not found:
         raise EngineNotFoundError(f"{name} was not found on PATH or in /usr/bin", hint=_UTIL_LINUX_HINT)
     return found
+
+
+def restore_needs_user_namespace(images_dir: Path, *, euid: int) -> bool:
+    """Whether the images were taken of a job in a user namespace of its own (see the module docstring).
+
+    Such a job is uid 0 of its namespace, so all its recorded uids are 0; an
+    ordinary user's job dumped without one records the user's own uid and is
+    restored in place. Root never restores into a user namespace.
+    """
+    if euid == 0:
+        return False
+    uids = {c.id for c in scan_credentials(images_dir) if c.kind in UID_KINDS}
+    return uids == {0}
 
 
 def dump_wrapper(pid: int, *, euid: int, same_userns: bool, nsenter: str = "nsenter") -> list[str]:
@@ -241,11 +255,11 @@ class Criu:
         return self._version
 
     def check(self) -> tuple[bool, str]:
-        res = self._run(["check"], timeout=120)
+        res = self._run(["check", *self._mode()], timeout=120)
         return res.rc == 0, (res.out + res.err).strip()
 
     def has_feature(self, name: str) -> bool:
-        return self._run(["check", "--feature", name], timeout=60).rc == 0
+        return self._run(["check", *self._mode(), "--feature", name], timeout=60).rc == 0
 
     def unprivileged_capable(self) -> bool:
         """Whether the binary carries the file capabilities that ``--unprivileged`` needs."""
@@ -272,10 +286,13 @@ class Criu:
     # -- dump and restore ----------------------------------------------------
 
     @staticmethod
-    def _common(options: DumpOptions) -> list[str]:
-        args: list[str] = []
-        if os.geteuid() != 0:
-            args.append("--unprivileged")
+    def _mode() -> list[str]:
+        """Every criu subcommand refuses to run as non-root without ``--unprivileged``."""
+        return ["--unprivileged"] if os.geteuid() != 0 else []
+
+    @classmethod
+    def _common(cls, options: DumpOptions) -> list[str]:
+        args = cls._mode()
         if options.tcp_established:
             args.append("--tcp-established")
         if options.ext_unix_sk:
@@ -347,6 +364,9 @@ class Criu:
             with_pid.unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:  # criu would fail the same way, later and less clearly
+            raise UnreadableImageError(f"{images_dir}: cannot prepare the restore: {exc.strerror}",
+                                       hint="restore only images in a directory of your own") from exc
         args = ["restore", "-D", str(images_dir), "-o", log_name, "--pidfile", pidfile,
                 "--restore-sibling", "--restore-detached", *self._common(options)]
         fds = dict(inherit_fds or {})
@@ -354,7 +374,9 @@ class Criu:
             args += ["--inherit-fd", f"fd[{fd}]:{resource}"]
         euid = os.geteuid()
         self._require_unprivileged_caps(euid)
-        wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare")) if euid != 0 else []
+        wrapper: list[str] = []
+        if restore_needs_user_namespace(images_dir, euid=euid):
+            wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare"))
         res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
@@ -374,7 +396,8 @@ class Criu:
         return RestoreResult(pid=pid, seconds=res.seconds, log_path=log_path)
 
     def cpuinfo_dump(self, images_dir: Path) -> None:
-        res = self._run(["cpuinfo", "dump", "-D", str(images_dir), "-o", "cpuinfo-dump.log"], timeout=60)
+        res = self._run(["cpuinfo", "dump", *self._mode(), "-D", str(images_dir), "-o", "cpuinfo-dump.log"],
+                        timeout=60)
         if res.rc != 0:
             raise EngineError("criu cpuinfo dump failed",
                               log_excerpt=log_excerpt(images_dir / "cpuinfo-dump.log") or res.err)
@@ -382,7 +405,7 @@ class Criu:
     def cpuinfo_check(self, images_dir: Path) -> tuple[bool, str]:
         """Whether this CPU offers every feature recorded by ``cpuinfo_dump``; the reason if not."""
         log_name = "cpuinfo-check.log"
-        res = self._run(["cpuinfo", "check", "-D", str(images_dir), "-o", log_name], timeout=60)
+        res = self._run(["cpuinfo", "check", *self._mode(), "-D", str(images_dir), "-o", log_name], timeout=60)
         if res.rc == 0:
             return True, ""
         return False, log_excerpt(images_dir / log_name) or res.err.strip()
