@@ -437,7 +437,7 @@ class Checkpointer:
         after its newer images. A fresh flusher goes on from the same parent.
         """
         parent = self.flusher.parent
-        left = self.flusher.abort(timeout=5.0)
+        left = self.flusher.abort(timeout=1.0)  # a worker stuck in I/O is a daemon thread: do not wait on it
         if not (keep and self.epilog_salvages):
             for s in left:
                 s.remove()

@@ -111,7 +111,6 @@ def test_bob_cannot_gc_alices(alice: UnixUser, bob: UnixUser, alices_checkpoint:
     assert path.exists(), "bob's gc removed alice's image"
 
 
-@pytest.mark.xfail(strict=True, reason="'hpcckpt resume' is not implemented yet (the runner's owner is writing it)")
 def test_bob_cannot_resume_alices(bob: UnixUser, alices_checkpoint: tuple[Path, int, Path]) -> None:
     root, ckptid, path = alices_checkpoint
     for target in ("300", str(ckptid), str(path)):
@@ -119,3 +118,39 @@ def test_bob_cannot_resume_alices(bob: UnixUser, alices_checkpoint: tuple[Path, 
         # not found in bob's catalog (11), unreadable (5) or not his (10); never a usage error
         assert res.returncode in (5, 10, 11), (target, res.returncode, res.stderr)
     assert path.exists()
+
+
+@pytest.mark.criu
+def test_root_resume_of_bobs_crafted_uid0_image_is_refused(bob: UnixUser, shared_tmp: Path) -> None:
+    """bob's own checkpoint, with uid 0 patched into its CRIU core image, handed to root's 'hpcckpt resume'."""
+    import subprocess
+
+    from tests.security import pbcraft as pb
+    from tests.security.conftest import criu_dump_as
+
+    root = shared_tmp / "store"
+    root.mkdir(mode=0o755)
+    fsutil.ensure_private_dir(root / bob.name, bob.uid, bob.gid, base=root)
+    dump = criu_dump_as(bob, shared_tmp / "bob-dump")
+    pb.patch_core_creds(sorted(dump.glob("core-*.img"))[0], uid=0, gid=0)
+    for p in [dump, *dump.iterdir()]:
+        os.chown(p, bob.uid, bob.gid)
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    res = run_as(bob, [sys.executable, "-c", PUBLISH.replace('"300"', '"666"'), str(root), str(dump)], env=env)
+    assert res.returncode == 0, res.stderr
+    image = Path(res.stdout.split()[1])
+    catalog = root / bob.name / "catalog.sqlite"
+    marker = shared_tmp / "restored-as-root"
+    for extra in ([], ["--as-owner"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "hpcckpt", "resume", "666", "--store", str(root), "--catalog", str(catalog),
+             *extra],
+            capture_output=True, text=True, timeout=120, cwd=shared_tmp,
+            env={**os.environ, **env, "HPCCKPT_LOG_FORMAT": "human", "HPCCKPT_STAGING": str(shared_tmp / "stg")},
+        )
+        # 4: the image's content is refused (uid 0 inside is not its owner's); CRIU never ran
+        assert out.returncode == 4, (extra, out.returncode, out.stderr)
+        assert "uid 0" in out.stderr, out.stderr
+        assert "resumed from checkpoint" not in out.stderr
+    assert image.exists() and not marker.exists()
+    assert not list((shared_tmp / "stg").rglob("restore.log")), "criu restore was started"
