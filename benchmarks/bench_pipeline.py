@@ -1,14 +1,15 @@
-"""The storage pipeline against its baselines, each measured in the same run.
+"""The storage pipeline, through the runner's own Checkpointer and Resumer, against baselines in the same run.
 
     sudo .venv/bin/python -m benchmarks.bench_pipeline [--quick] [--size MIB] [--store DIR] [--staging DIR]
 
 Prints, side by side with its baseline (target in brackets):
 
-1. frozen time of a staged dump (engine dump + metadata + marker) / raw ``criu dump`` [<= 1.10]
-2. publish throughput (pack + fsync + rename + commit) / ``dd conv=fsync`` of the same bytes [>= 0.85]
-3. bytes of the 2nd checkpoint (5% of memory changed) / a full image [<= 0.10]
-4. restore from the store (unpack with parents + criu restore) / raw ``criu restore`` [<= 1.25]
-5. slowdown of a compute-bound job checkpointed every 30 s (``--quick``: 5 s) [<= 3%]
+1. job frozen in ``Checkpointer.stage`` (dump to staging, /proc, thaw) / raw ``criu dump`` [<= 1.10]
+2. publish throughput of the Checkpointer's background flush (pack + fsync + rename + commit)
+   / ``dd conv=fsync`` of the same bytes [>= 0.85]
+3. bytes of the 2nd checkpoint (5% of memory changed) / the full image [<= 0.10]
+4. ``Resumer`` (unpack with parents into tmpfs staging + criu restore) / raw ``criu restore`` [<= 1.25]
+5. slowdown of a compute-bound job checkpointed every 30 s by the Checkpointer (``--quick``: 5 s) [<= 3%]
 6. compression ratio and throughput per codec on the real dump
 
 Needs root and CRIU. The job is a Python process holding SIZE MiB: half
@@ -32,12 +33,14 @@ from pathlib import Path
 import psutil
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.context import current_user
+from hpcckpt.checkpoint import Checkpointer, CheckpointResult, JobInfo
+from hpcckpt.context import User, current_user
 from hpcckpt.engine.base import DumpOptions
 from hpcckpt.engine.criu import Criu
-from hpcckpt.image import ImageMeta, pack_dir, unpack_image
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher, flush_one
-from hpcckpt.pipeline.staging import StagedCheckpoint
+from hpcckpt.image import ImageMeta, pack_dir
+from hpcckpt.jobid import JobIdentity
+from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.resume import Resumer
 from hpcckpt.store import Store
 
 MiB = 1 << 20
@@ -123,98 +126,97 @@ def restore_and_kill(criu: Criu, images: Path) -> None:
     os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
+def make_checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> Checkpointer:
+    """The runner's own Checkpointer, as ``hpcckpt run`` builds it (minus the control socket and loop)."""
+    job = JobInfo(identity=JobIdentity(job_id, "cli"), user=me, cmdline=["bench"], cwd="/", stdio={}, interval=None)
+    pub = StorePublisher(store, lambda: open_catalog(None, store.root, me))
+    return Checkpointer(engine=criu, store=store, catalog=open_catalog(None, store.root, me), job=job,
+                        options=DumpOptions(), flush=FlushSettings(codec=codec, chunk_size=MiB), publisher=pub,
+                        disk_staging=staging)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 MiB job, 20 s slowdown runs with 5 s interval")
     ap.add_argument("--size", type=int, help="job memory in MiB (default 1024, --quick 256)")
     ap.add_argument("--store", default="/var/tmp/hpcckpt-bench", help="store root (the 'parallel filesystem')")
-    ap.add_argument("--staging", default="/dev/shm/hpcckpt-bench", help="node-local staging directory")
+    ap.add_argument("--staging", default="/var/tmp/hpcckpt-bench-staging",
+                    help="node-local disk staging (tmpfs /dev/shm/hpcckpt-staging is used when the job fits)")
+    ap.add_argument("--codec", default="none", help="storage.compression.codec for 1-5 (default none)")
     args = ap.parse_args(argv)
     size = args.size or (256 if args.quick else 1024)
     criu = Criu.locate()
     me = current_user()
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.staging if os.path.isdir(args.staging) else None))
-    Path(args.staging).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    staging = Path(args.staging)
     store_root = Path(args.store)
     shutil.rmtree(store_root, ignore_errors=True)
     store = Store(store_root, me)
-    pub = StorePublisher(store, lambda: open_catalog(None, store_root, me))
-    cat = open_catalog(None, store_root, me)
-    settings = FlushSettings(codec="none", chunk_size=MiB)
-    print(f"job {size} MiB; staging {args.staging}; store {store_root}; criu {criu.version()}")
+    ck = make_checkpointer(criu, store, me, "bench", staging, args.codec)
+    print(f"job {size} MiB; store {store_root}; disk staging {staging}; codec {args.codec}; criu {criu.version()}")
     flag = work / "flag"
     outer, pid = spawn(JOB, str(size), str(flag))
     try:
         wait_text(flag, "ready")
-        stage_root = work / "stage"
-        stage_root.mkdir()
-
-        def staged_dump() -> StagedCheckpoint:
-            s = StagedCheckpoint.create(stage_root, me)
-            criu.dump(pid, s.dump_dir, options=DumpOptions(), after="running")
-            (s.dump_dir / "dump.log").unlink()
-            s.mark_done(ImageMeta(ckptid=0, job_id="bench", engine="criu", uid=me.uid, user=me.name), me)
-            return s
 
         # 1. frozen time: alternate raw and staged dumps, best of 3 each (the machine is shared)
         raws, ours = [], []
+        kinds = set()
         for i in range(3):
             raw = work / f"raw{i}"
             raw.mkdir()
             raws.append(timed(lambda r=raw: criu_raw(  # type: ignore[misc]
                 criu, "dump", "-t", str(pid), "-D", str(r), "-o", "d.log", "--leave-running")))
             shutil.rmtree(raw)
-            t0 = time.monotonic()
-            s1 = staged_dump()
-            ours.append(time.monotonic() - t0)
-            if i < 2:
-                s1.remove()
-        row("1. frozen time: staged dump / raw criu dump", min(ours), min(raws), "s", "<=1.10")
+            taken = ck.stage(pid)
+            ours.append(taken.frozen_s)
+            kinds.add(taken.staging)
+            taken.staged.remove()
+        row(f"1. frozen: Checkpointer.stage ({'/'.join(sorted(kinds))}) / raw criu dump", min(ours), min(raws),
+            "s", "<=1.10")
 
-        # 2. publish throughput
-        nbytes = sum(p.stat().st_size for p in s1.dump_dir.iterdir())
+        # 2. publish throughput of the background flush
+        taken = ck.stage(pid)
+        nbytes = sum(p.stat().st_size for p in taken.staged.dump_dir.iterdir())
+        pages = max(taken.staged.dump_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
         ddfile = store_root / "dd.bin"
-        pages = max(s1.dump_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        store_root.mkdir(parents=True, exist_ok=True)
         drop_caches()
         t_dd = timed(lambda: subprocess.run(["dd", f"if={pages}", f"of={ddfile}", "bs=4M", "conv=fsync",
                                              "status=none"], check=True))
         dd_rate = pages.stat().st_size / t_dd / MiB
         ddfile.unlink()
-        drop_caches()
-        t0 = time.monotonic()
-        r1, idx1 = flush_one(s1, pub, settings, None)
-        t_pub = time.monotonic() - t0
-        row("2. publish throughput / dd conv=fsync", nbytes / t_pub / MiB, dd_rate, "MiB/s", ">=0.85",
+        assert ck.flusher.submit(taken.staged, force=True)
+        r1 = ck.wait(taken.staged.name, None)
+        assert isinstance(r1, CheckpointResult), r1
+        row("2. flush throughput / dd conv=fsync", nbytes / r1.pack_s / MiB, dd_rate, "MiB/s", ">=0.85",
             higher_better=True)
 
         # 3. second checkpoint after 5% of memory changed
         os.kill(pid, signal.SIGUSR1)
         wait_text(flag, "changed")
-        s2 = staged_dump()
-        r2, _ = flush_one(s2, pub, settings, idx1)
-        row("3. 2nd checkpoint bytes / full image bytes", r2.bytes_out / MiB, r1.bytes_out / MiB, "MiB", "<=0.10")
+        r2 = ck.checkpoint(pid)
+        print(f"   (2nd checkpoint: parent {r2.parent}, {r2.chain}; {r2.ref_bytes / MiB:.1f} MiB by reference)")
+        row("3. 2nd checkpoint bytes / full image bytes", r2.size_bytes / MiB, r1.size_bytes / MiB, "MiB",
+            "<=0.10")
 
-        # 4. restore: ours from the store vs raw from a plain directory (the job's 2nd dump)
+        # 4. restore: the Resumer from the store vs raw criu restore from a plain directory of the same state
         raw2 = work / "raw2"
-        shutil.copytree(s2.dump_dir, raw2)
+        raw2.mkdir()
+        criu_raw(criu, "dump", "-t", str(pid), "-D", str(raw2), "-o", "d.log", "--leave-running")
         drop_caches()
         t_rraw = timed(lambda: restore_and_kill(criu, raw2))
+        resumer = Resumer(engine=criu, catalog=ck.catalog, user=me, disk_staging=staging, options=DumpOptions(),
+                          grown_files="keep")
         drop_caches()
-        assert r2.path is not None
-
-        def ours_restore() -> None:
-            dest = work / "restore"
-
-            def resolve(c: int) -> Path:
-                rec = cat.get(c)
-                assert rec is not None
-                return Path(rec.path)
-
-            unpack_image(r2.path, dest, resolve)  # type: ignore[arg-type]
-            restore_and_kill(criu, dest)
-
-        t_rours = timed(ours_restore)
-        row("4. restore from store / raw criu restore", t_rours, t_rraw, "s", "<=1.25")
+        t0 = time.monotonic()
+        restored = resumer.resume("bench", r2.ckptid)
+        t_rours = time.monotonic() - t0
+        os.kill(restored.pid, signal.SIGKILL)
+        os.waitpid(restored.pid, 0)
+        for fd in (restored.pipes.out_r, restored.pipes.err_r):
+            os.close(fd)
+        row(f"4. Resumer ({restored.staging} staging) / raw criu restore", t_rours, t_rraw, "s", "<=1.25")
 
         # 6. codecs on the real dump
         print("6. codecs on the real dump (pack to memory, 1 thread unless noted):")
@@ -225,11 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {codec:<5} x{workers}: ratio {nbytes / len(buf.getvalue()):5.2f}  "
                   f"{nbytes / t / MiB:8.1f} MiB/s")
             del buf
-        for s in (s1, s2):
-            s.remove()
     finally:
         outer.kill()
         outer.wait()
+        ck.finish(60)
 
     # 5. slowdown of a compute-bound job
     interval = 5.0 if args.quick else 30.0
@@ -240,27 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     base_s = float(base_out.read_text())
     ck_out = work / "ck.txt"
     o, cpid = spawn(COMPUTE, str(iters), str(ck_out))
-    parent = None
+    cc = make_checkpointer(criu, store, me, "bench-compute", staging, args.codec)
     n = 0
     while o.poll() is None:
         time.sleep(interval)
         if o.poll() is not None:
             break
         try:
-            s = StagedCheckpoint.create(work / "stage", me)
-            criu.dump(cpid, s.dump_dir, options=DumpOptions(), after="running")
-            s.mark_done(ImageMeta(ckptid=0, job_id="bench-compute", engine="criu", uid=me.uid, user=me.name), me)
-            _, parent = flush_one(s, pub, settings, parent)
-            s.remove()
-            n += 1
+            if cc.take(cpid) is not None:  # dump on this thread, flush in the background: as the runner does
+                n += 1
         except Exception as exc:  # the job may end mid-dump
             print(f"   (checkpoint skipped: {exc})")
     o.wait()
+    cc.finish(120)
     ck_s = float(ck_out.read_text())
     print(f"5. compute job with {n} checkpoints every {interval:.0f} s: {ck_s:.2f} s vs {base_s:.2f} s without: "
           f"slowdown {100 * (ck_s / base_s - 1):.1f}% [<=3%]")
-    cat.close()
-    pub.close()
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(store_root, ignore_errors=True)
     return 0

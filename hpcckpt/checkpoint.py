@@ -324,6 +324,7 @@ class Checkpointer:
                                 tmpfs=self.tmpfs)
         staged = StagedCheckpoint.create(choice.root, user)
         try:
+            t_freeze = time.monotonic()  # choosing staging and making its directory happen before the freeze
             try:
                 dumped = self.engine.dump(pid, staged.dump_dir, options=self.options, after="stopped",
                                           timeout=_remaining(deadline))
@@ -339,7 +340,7 @@ class Checkpointer:
             finally:
                 if not final:
                     signal_tree(pids, signal.SIGCONT)
-            frozen = time.monotonic() - t0
+            frozen = time.monotonic() - t_freeze
             try:
                 self.engine.cpuinfo_dump(staged.dump_dir)
                 staged.mark_done(self._meta(pid), user, tasks=tasks, files=files)
