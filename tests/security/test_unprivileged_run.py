@@ -238,6 +238,12 @@ def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser,
     out = work / "count.txt"
     # As an admin sets it up: a root-owned 0755 root, in which each user gets a 0700 directory.
     (shared_tmp / "store").mkdir(mode=0o755)
+    for user in (alice, bob):
+        _user_dir(shared_tmp / "store", user.name, user)
+        # The per-user tmpfs staging the Slurm prolog makes, when this node has its trusted base.
+        shm = Path("/dev/shm/hpcckpt-staging")
+        if shm.is_dir() and not (shm / user.name).exists():
+            _user_dir(shm, user.name, user)
     store = {"HPCCKPT_STORE": str(shared_tmp / "store")}
     log = (work / "runner.log").open("w")
     argv = [str(venv_bin() / "python"), "-m", "hpcckpt", "run", "--interval", "2", "--job-id", "x", "--",
