@@ -101,6 +101,14 @@ def open_private_dir(
                     created = True
                 except FileExistsError:
                     pass
+                except PermissionError as exc:
+                    # An ordinary user under a root-owned root that nobody prepared.
+                    raise StoreError(
+                        f"{where}: cannot create this directory: {exc.strerror}",
+                        hint=f"ask an admin to create {where} owned by you, or to make {where.parent} "
+                        "world-writable with the sticky bit (chmod 1777), as for /tmp; "
+                        "under Slurm the hpcckpt prolog creates it",
+                    ) from exc
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:

@@ -40,6 +40,7 @@ from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
 from hpcckpt.context import User
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions, RestoreResult
+from hpcckpt.engine.criu import restore_needs_user_namespace
 from hpcckpt.errors import (
     EngineError,
     HpcckptError,
@@ -293,7 +294,8 @@ class Resumer:
                     hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
                 )
             owner = authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
-                                      allow_root=True)
+                                      allow_root=True,
+                                      namespaced=restore_needs_user_namespace(dest, euid=os.geteuid()))
             self._owner_check(rec, owner)
             if summary.meta.extra.get("cpuinfo"):
                 ok, why = self.engine.cpuinfo_check(dest)

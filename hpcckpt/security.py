@@ -238,6 +238,7 @@ def authorize_restore(
     header_uid: int | None = None,
     record_uid: int | None = None,
     allow_root: bool = False,
+    namespaced: bool = False,
 ) -> User:
     """The single gate before ``criu restore``; returns the user to restore as.
 
@@ -247,6 +248,12 @@ def authorize_restore(
     file, header and catalog must agree on the owner; and every id inside
     the CRIU images must be the owner's. Raises PermissionDeniedError or
     UnsafeImageError, both before anything is restored.
+
+    ``namespaced`` means the caller, an ordinary user, restores into a user
+    namespace of its own that maps only uid/gid 0 to itself (an image of a job
+    that ran unprivileged, see hpcckpt/engine/criu.py). The ids in such an
+    image are namespace ids and must all be 0; the kernel then maps them to
+    the caller and nobody else, so no id in the image can reach another user.
     """
     owner = restore_credentials_for(image_path)
     check_image_identity(image_path, header_uid, owner)
@@ -258,7 +265,14 @@ def authorize_restore(
     require_owner(owner.uid, caller, allow_root=allow_root, what=str(image_path))
     if owner.uid == 0 and not caller.is_root:
         raise PermissionDeniedError(f"{image_path}: is owned by root")
-    check_credentials(images_dir, owner.uid, owner.gid, supplementary_groups(owner))
+    if namespaced:
+        if caller.is_root or caller.uid != owner.uid:
+            raise PermissionDeniedError(
+                f"{image_path}: a namespaced image restores only as its owner, {owner.name}, never as root",
+            )
+        check_credentials(images_dir, 0, 0, ())
+    else:
+        check_credentials(images_dir, owner.uid, owner.gid, supplementary_groups(owner))
     hlog.event(
         _log,
         "security.restore_authorized",

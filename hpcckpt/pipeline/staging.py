@@ -133,7 +133,15 @@ def choose_staging(
             "pipeline.async_flush",
         )
     path = base / user.name / fsutil.safe_job_component(job_id)
-    fsutil.ensure_private_dir(path, user.uid, user.gid, base=base)
+    try:
+        fsutil.ensure_private_dir(path, user.uid, user.gid, base=base)
+    except StoreError as exc:
+        if kind != "tmpfs" or disk_root is None:
+            raise
+        # A tmpfs staging area the admin made for root-run jobs only: node-local disk will do.
+        path = Path(disk_root) / user.name / fsutil.safe_job_component(job_id)
+        fsutil.ensure_private_dir(path, user.uid, user.gid, base=Path(disk_root))
+        return StagingChoice(path, "disk", f"{reason}; but {exc.message}; using storage.staging")
     return StagingChoice(path, kind, reason)
 
 

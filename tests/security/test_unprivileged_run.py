@@ -225,11 +225,6 @@ def test_bob_restoring_a_copy_of_alices_images_gets_only_bobs_credentials(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the restore gate to check ids relative to the job's user namespace: resume.py's "
-    "authorize_restore call (uid 0 inside the images is the owner); see docs/running.md 'Without root'",
-)
 def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser, shared_tmp: Path) -> None:
     _need_caps()
     work = _user_dir(shared_tmp, "cli", alice)
