@@ -639,6 +639,10 @@ def apply_decision(deps: HookDeps, job_id: str, decision: RestartDecision) -> bo
             else:
                 if decision.action is Action.REQUEUE:
                     state = _base_state(deps.slurm.show_job(job_id).get("JobState", ""))
+                    if state == "COMPLETING":
+                        # Slurm is still ending it, and may requeue it itself (RequeueExit=85):
+                        # a StartTime set now would be overwritten by that requeue's ~120 s hold.
+                        raise SlurmError(f"job {job_id} is still completing")
                     if state not in ("PENDING", "REQUEUED"):
                         deps.slurm.requeue(job_id)
                 fields: dict[str, str] = {}

@@ -144,3 +144,34 @@ def submit_resume(
     hlog.event(_log, "slurm.submit", f"job {job_id}: submitted job {new_id} to resume checkpoint {latest.ckptid}",
                job_id=job_id, new_job_id=new_id, ckptid=latest.ckptid)
     return new_id
+
+
+def resubmit(
+    job_id: str,
+    *,
+    store: str | None = None,
+    catalog: str | None = None,
+    policy: str | None = None,
+    extra_options: Sequence[str] = (),
+    slurm: SlurmAdapter | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """``hpcckpt resume JOBID --submit``: resolve store, catalog and policy as ``hpcckpt run`` does, then submit.
+
+    ``store``, ``catalog`` and ``policy`` are the command line's ``--store``,
+    ``--catalog`` and ``--policy`` (None: environment, then policy, then defaults).
+    Returns the new job id.
+    """
+    from hpcckpt.catalog import open_catalog
+    from hpcckpt.context import current_user, resolve_catalog_url, resolve_store_root
+    from hpcckpt.policy import load_policy
+
+    pol = load_policy(user_file=Path(policy) if policy else None)
+    user = current_user()
+    root = resolve_store_root(store, pol.storage.root)
+    cat = open_catalog(resolve_catalog_url(catalog, pol.storage.catalog), root, user)
+    try:
+        return submit_resume(job_id, catalog=cat, user=user, store_root=root, slurm=slurm,
+                             extra_options=extra_options, env=env)
+    finally:
+        cat.close()
