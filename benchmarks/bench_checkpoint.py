@@ -27,11 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo, PackSettings
+from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.engine.base import DumpOptions
 from hpcckpt.engine.criu import Criu
 from hpcckpt.jobid import resolve
+from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
 from hpcckpt.runner.launch import StdioPipes, spawn_in_pid_namespace
 from hpcckpt.store import Store
 
@@ -76,9 +77,13 @@ def main() -> int:
             job = JobInfo(identity=resolve(f"bench{mib}", {}), user=user, cmdline=["holder"], cwd="/",
                           stdio=dict(pipes.resources), interval=None)
             (work / "stage").mkdir(exist_ok=True)
-            ck = Checkpointer(engine=criu, store=Store(store_root, user), catalog=cat, job=job,
-                              staging_root=work / "stage" / f"bench{mib}", options=DumpOptions(),
-                              pack=PackSettings(codec=args.codec), retention=None)
+            store = Store(store_root, user)
+            # Full images every time (each is deleted after timing), staged on the same disk
+            # directory the raw dump uses, so the two are compared like for like.
+            ck = Checkpointer(engine=criu, store=store, catalog=cat, job=job, options=DumpOptions(),
+                              flush=FlushSettings(codec=args.codec, incremental=False),
+                              publisher=StorePublisher(store, lambda: open_catalog(None, store_root, user)),
+                              disk_staging=work / "stage", tmpfs=None)
             raw, frozen, total, size = [], [], [], 0
             for i in range(args.repeat):
                 d = work / f"raw-{mib}-{i}"
@@ -92,6 +97,7 @@ def main() -> int:
                 res.path.unlink()
             r, f, t = statistics.median(raw), statistics.median(frozen), statistics.median(total)
             print(f"{mib:>6} {r:>11.3f} {f:>9.3f} {f / r:>11.2f} {t:>13.3f} {t / r:>8.2f} {size / 2**20:>10.1f}")
+            ck.finish(30)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             os.close(pipes.out_r)
