@@ -2,7 +2,8 @@
 
 munged, slurmctld and three ``slurmd -N nodeX`` run in one temp dir, on
 non-default ports and with a private munge socket, so they never clash with a
-system Slurm or munge. The cluster runs the project's own hooks: the
+system Slurm or munge. Each node has 2 CPUs and jobs get whole nodes, so an
+MPI job of 2 nodes x 2 ranks fits and one job fills one node. The cluster runs the project's own hooks: the
 Prolog/Epilog/EpilogSlurmctld in slurm.conf are ``plugins/slurm/*``. Slurm
 hands its hooks a fresh environment, so the hooks find hpcckpt, the store and
 the site policy through the env file named by ``HPCCKPT_ENV_FILE``; a
@@ -29,6 +30,11 @@ from hpcckpt.slurm.adapter import parse_show_job
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = REPO / "plugins" / "slurm"
 NODES = ("node1", "node2", "node3")
+# Two CPUs a node, so a 2 nodes x 2 ranks MPI job fits (the host has 2 cores;
+# the "nodes" share them). Partitions are OverSubscribe=EXCLUSIVE so a job
+# still takes whole nodes: one job per node, which the preemption tests rely
+# on to fill the cluster with a known number of jobs.
+CPUS_PER_NODE = 2
 # Slurm's default is to hold a requeued job ~120 s (BeginTime); tests release it.
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"})
 
@@ -102,12 +108,12 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         b = self.base
-        for d in ("state", "log", "spool", "hooks", "munge", "jobs"):
+        for d in ("state", "log", "spool", "hooks", "munge", "jobs", *(f"tmp/{n}" for n in NODES)):
             (b / d).mkdir(parents=True, exist_ok=True)
         self.store.mkdir(mode=0o755, exist_ok=True)
         self.staging.mkdir(mode=0o755, exist_ok=True)
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs=1 RealMemory=1000 "
+            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} RealMemory=1000 "
             "State=UNKNOWN"
             for n, p in zip(NODES, self.node_ports, strict=True)
         )
@@ -124,6 +130,9 @@ AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={b}/state
 SlurmdSpoolDir={b}/spool/%n
+# Per node: srun --mpi=pmix makes the ranks' PMIx directory under TmpFS, named
+# by job and step only, so "nodes" sharing one host would collide in /tmp.
+TmpFS={b}/tmp/%n
 SlurmctldPidFile={b}/slurmctld.pid
 SlurmdPidFile={b}/slurmd-%n.pid
 SlurmctldLogFile={b}/log/slurmctld.log
@@ -136,6 +145,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
+# At preemption Slurm sends SIGTERM to the job steps only, never to the batch
+# shell (which gets it when GraceTime is over, too late to checkpoint). With
+# preempt_send_user_signal a job's own --signal (B:USR1 for `exec hpcckpt run`
+# as the batch shell, USR1 for srun-launched ranks) is sent at once instead.
+SlurmctldParameters=preempt_send_user_signal
 SlurmdParameters=config_overrides
 MpiDefault=none
 ReturnToService=2
@@ -156,9 +170,9 @@ Epilog={b}/hooks/epilog
 EpilogSlurmctld={b}/hooks/epilog_slurmctld
 {nodes}
 PartitionName=low Nodes={allnodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 \
-GraceTime={self.grace_time} PreemptMode=REQUEUE OverSubscribe=NO
+GraceTime={self.grace_time} PreemptMode=REQUEUE OverSubscribe=EXCLUSIVE
 PartitionName=high Nodes={allnodes} Default=NO MaxTime=INFINITE State=UP PriorityTier=10 \
-PreemptMode=OFF OverSubscribe=NO
+PreemptMode=OFF OverSubscribe=EXCLUSIVE
 """
         )
         self.site_policy.write_text(
@@ -293,11 +307,12 @@ PreemptMode=OFF OverSubscribe=NO
         """Wait until every node is idle again (between tests)."""
         self._wait_for(self._nodes_idle, timeout, "all nodes idle", None)
 
-    def sbatch(self, script: str, *options: str, env: Mapping[str, str] | None = None) -> str:
-        """Submit ``script`` (text) with ``options``; returns the job id."""
+    def sbatch(self, script: str, *options: str, env: Mapping[str, str] | None = None,
+               args: Sequence[str] = ()) -> str:
+        """Submit ``script`` (text) with sbatch ``options`` and script ``args``; returns the job id."""
         path = Path(tempfile.mkstemp(prefix="job-", suffix=".sh", dir=self.base / "jobs")[1])
         path.write_text(script)
-        res = self.cmd(["sbatch", "--parsable", *options, str(path)], env=env)
+        res = self.cmd(["sbatch", "--parsable", *options, str(path), *args], env=env)
         return res.stdout.strip().split(";")[0]
 
     def show_job(self, job_id: str) -> dict[str, str]:
@@ -326,6 +341,27 @@ PreemptMode=OFF OverSubscribe=NO
         raise ClusterError(
             f"job {job_id} is {last.get('JobState')!r} (reason {last.get('Reason')!r}), "
             f"not one of {sorted(want)}; see {self.base}/log"
+        )
+
+    def wait_job(self, job_id: str, cond: Callable[[dict[str, str]], bool], what: str,
+                 timeout: float = 60) -> dict[str, str]:
+        """Wait until ``cond`` holds for the job's `scontrol show job` fields; returns them.
+
+        For transitions a state cannot show reliably: a requeued job may pass
+        through PENDING faster than one poll, but its ``Restarts`` stays counted.
+        """
+        deadline = time.monotonic() + timeout
+        last: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            last = self.show_job(job_id)
+            if cond(last):
+                return last
+            if last.get("JobState") in TERMINAL:
+                break
+            time.sleep(0.5)
+        raise ClusterError(
+            f"job {job_id} is {last.get('JobState')!r} (reason {last.get('Reason')!r}, restarts "
+            f"{last.get('Restarts')!r}), still not {what}; see {self.base}/log"
         )
 
     def release(self, job_id: str) -> None:

@@ -1,8 +1,8 @@
 """The session-wide ``slurm_cluster`` fixture (imported by tests/conftest.py).
 
 One cluster per test session: starting it takes about a second, but every
-test that uses it shares three single-CPU nodes, so each test cancels its
-jobs and waits for idle nodes before handing the cluster on.
+test that uses it shares three nodes (jobs take whole nodes), so each test
+cancels its jobs and waits for idle nodes before handing the cluster on.
 """
 
 from __future__ import annotations
