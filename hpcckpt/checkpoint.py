@@ -84,7 +84,9 @@ class JobInfo:
     cmdline: list[str]
     cwd: str
     stdio: dict[str, str]  # job fd -> CRIU resource name of the runner's pipe ("pipe:[N]")
-    interval: float | None
+    # The interval in force and the inputs that chose it (Daly's for ``auto``), updated by the
+    # runner before every checkpoint and recorded in the image for ``hpcckpt info``.
+    interval: dict[str, Any] | None
     policy_digest: str = ""
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
@@ -289,8 +291,9 @@ class Checkpointer:
             uid=user.uid, gid=user.gid, user=user.name, node=self.node, cmdline=list(self.job.cmdline),
             cwd=self.job.cwd, policy_digest=self.job.policy_digest, requeue_count=ident.restart_count,
             created=time.time(),
-            extra={"stdio": dict(self.job.stdio), "interval": self.job.interval, "cpuinfo": True,
-                   "root_host_pid": pid},
+            extra={"stdio": dict(self.job.stdio),
+                   "interval": dict(self.job.interval) if self.job.interval else None,
+                   "cpuinfo": True, "root_host_pid": pid},
         )
 
     def record_failure(self, err: HpcckptError | OSError) -> int | None:

@@ -62,6 +62,13 @@ def render_summary(path: str, s: ImageSummary) -> str:
         f"cwd         {m.cwd or '-'}",
         f"policy      {m.policy_digest or '-'}",
     ]
+    iv = m.extra.get("interval")
+    if isinstance(iv, dict) and iv.get("seconds") is not None:
+        line = f"interval    {iv['seconds']} s ({iv.get('mode', '?')}"
+        if iv.get("mode") == "auto":
+            line += (f": {iv.get('formula')}, mtbf {iv.get('mtbf')} s, checkpoint cost {iv.get('delta')} s "
+                     f"over {iv.get('samples')} samples, bounds {iv.get('min')}..{iv.get('max')} s")
+        out.append(line + ")")
     if s.parents:
         out.insert(4, f"chain       incremental on {', '.join(map(str, s.parents))}: {human_size(s.ref_bytes)} "
                    f"taken from them, {'verified with them' if s.parents_verified else 'parents NOT verified'}")

@@ -296,7 +296,6 @@ class Runner:
         if isinstance(res, CheckpointResult):
             self.last = res
             self.committed_any = True
-            self.costs = [*self.costs[-9:], res.frozen_s]
             doc: dict[str, Any] = {"ok": True, **res.to_dict()}
         else:
             doc = {"ok": False, "error": res.error or "flush failed", "exit_code": EXIT_STORE}
@@ -308,7 +307,9 @@ class Runner:
     def _periodic(self) -> None:
         try:
             if not self.cfg.async_flush:
-                self._record(self.ckpt.checkpoint(self.pid))
+                res = self.ckpt.checkpoint(self.pid)
+                self.costs = [*self.costs[-9:], res.frozen_s]
+                self._record(res)
                 return
             taken = self.ckpt.take(self.pid)
             if taken is not None:

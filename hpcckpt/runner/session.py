@@ -102,10 +102,20 @@ def disk_staging_base(env: Environment) -> Path:
     return Path(os.environ.get("TMPDIR") or "/var/tmp") / f"hpcckpt-staging-{env.user.uid}"
 
 
-def interval_chooser(pol: Policy) -> Callable[[list[float]], float | None]:
+def interval_chooser(pol: Policy, record: dict[str, Any] | None = None) -> Callable[[list[float]], float | None]:
+    """The runner's interval function; ``record`` (the job's JobInfo.interval) keeps the latest choice."""
+    last: list[int] = []
+
     def choose(costs: list[float]) -> float | None:
         seconds, inputs = choose_interval(pol, costs)
-        hlog.event(_log, "runner.interval", f"next checkpoint in {seconds} s", 10, **inputs)
+        if record is not None:
+            record.clear()
+            record.update(inputs, seconds=seconds)
+        # Said once at info level when it changes (an ``auto`` interval moves with the measured cost).
+        level = 20 if last != [seconds] else 10
+        last[:] = [seconds]
+        hlog.event(_log, "runner.interval", f"checkpoint interval {seconds} s ({inputs.get('mode')})", level,
+                   **inputs)
         return float(seconds) if seconds > 0 else None
 
     return choose
@@ -166,7 +176,7 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
-        interval=interval_chooser(pol),
+        interval=interval_chooser(pol, job.interval),
         deadline_s=deadline_seconds(pol, opts.deadline),
         signals=signals.plan,
         async_flush=bool(pol.pipeline.async_flush),
@@ -242,14 +252,14 @@ def run_job(
         if restored is not None:
             meta = restored.summary.meta
             job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                          stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
+                          stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest())
             runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored),
                              publisher=publisher)
             runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
         else:
             pipes = StdioPipes.create()
             job = JobInfo(identity=ident, user=env.user, cmdline=list(argv), cwd=os.getcwd(),
-                          stdio=dict(pipes.resources), interval=None, policy_digest=env.policy.digest())
+                          stdio=dict(pipes.resources), interval={}, policy_digest=env.policy.digest())
             runner = _runner(env, opts, ident, job, signals, publisher=publisher)
             try:
                 pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes)
@@ -283,7 +293,7 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
         sys.stderr.write(f"hpcckpt: job {job_id} resumed from checkpoint {restored.ckptid}\n")
         sys.stderr.flush()
         job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                      stdio=dict(restored.pipes.resources), interval=None, policy_digest=env.policy.digest())
+                      stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest())
         runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored), publisher=publisher)
         runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
     except BaseException:
