@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +52,7 @@ from typing import Any
 from hpcckpt import log as hlog
 from hpcckpt import procinfo
 from hpcckpt.catalog import Catalog
-from hpcckpt.context import User
+from hpcckpt.context import User, node_name
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, StoreError
 from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
@@ -184,7 +183,7 @@ class Checkpointer:
         self.disk_staging = disk_staging
         self.tmpfs = tmpfs
         self.retention = retention
-        self.node = node or socket.gethostname()
+        self.node = node or node_name()
         self.predump = predump or PreDumpPlan(False, "not probed")
         # Under Slurm the epilog publishes complete staged dumps the runner could not flush in time.
         self.epilog_salvages = epilog_salvages

@@ -64,3 +64,14 @@ def resolve_catalog_url(cli: str | None = None, policy_url: str | None = None) -
         if cand:
             return cand
     return None
+
+
+def node_name() -> str:
+    """This node's name as the scheduler knows it: ``$SLURMD_NODENAME`` inside Slurm, else the hostname.
+
+    Several Slurm nodes can share one host (and a node's Slurm name often
+    differs from its hostname), so catalog rows and logs use Slurm's name.
+    """
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
-from hpcckpt.context import User
+from hpcckpt.context import User, node_name
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions, RestoreResult
 from hpcckpt.engine.criu import restore_needs_user_namespace
 from hpcckpt.errors import (
@@ -324,7 +323,7 @@ class Resumer:
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         try:
-            self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{socket.gethostname()}",
+            self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{node_name()}",
                                        new_job_id=os.environ.get("SLURM_JOB_ID"))
         except HpcckptError as err:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)

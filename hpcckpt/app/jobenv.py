@@ -23,14 +23,13 @@ sets. Precedence, for each item: the Checkpointer's keyword argument, then
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.context import resolve_catalog_url, resolve_store_root
+from hpcckpt.context import node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.errors import PolicyError
 
 # Slurm variables worth keeping in the image header: enough to tell later
@@ -134,7 +133,7 @@ def job_context(
         store_root=store_root,
         catalog_url=catalog_url,
         interval=interval,
-        node=env.get("SLURMD_NODENAME") or socket.gethostname(),
+        node=env.get("SLURMD_NODENAME") or node_name(),
         step=env.get("SLURM_STEP_ID") or None,
         array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
         array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None,

@@ -28,7 +28,6 @@ import dataclasses
 import enum
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from hpcckpt import fsutil
 from hpcckpt import log as hlog
-from hpcckpt.context import User
+from hpcckpt.context import User, node_name
 from hpcckpt.errors import HpcckptError, StoreError
 from hpcckpt.image import format as F
 from hpcckpt.image.model import PackStats
@@ -149,7 +148,7 @@ class StorePublisher:
         }
         begin["meta"] = {**dict(begin.get("meta") or {}), "stage": staged.name}
         with self.store.publish(self._cat(), job_id=meta.job_id, engine=meta.engine,
-                                node=meta.node or socket.gethostname(), parent=parent, **begin) as pub:
+                                node=meta.node or node_name(), parent=parent, **begin) as pub:
             write(pub.file, pub.ckptid)
         return int(pub.ckptid), Path(pub.path)
 

@@ -26,7 +26,6 @@ When ``hpcckpt run`` resumes instead of starting: after a Slurm requeue
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.checkpoint import Checkpointer, JobInfo
-from hpcckpt.context import User, current_user, resolve_catalog_url, resolve_store_root
+from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import Criu
 from hpcckpt.errors import HpcckptError, NotFoundError, UsageError
@@ -266,7 +265,7 @@ def run_job(
             finally:
                 pipes.close_write_ends()
             hlog.event(_log, "runner.started", f"job {ident.job_id} started as pid {pid}", job_id=ident.job_id,
-                       pid=pid, node=socket.gethostname())
+                       pid=pid, node=node_name())
             runner.attach(pid, pipes.out_r, pipes.err_r)
     except BaseException:
         signals.restore()
@@ -304,16 +303,9 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
 
 def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Sequence[str] = ()) -> str:
     """``hpcckpt resume JOBID --submit``: a new Slurm job that resumes JOBID; returns its id. No CRIU needed."""
-    from hpcckpt.slurm.submit import submit_resume
+    from hpcckpt.slurm.submit import resubmit
 
-    pol = load_policy(user_file=Path(opts.policy) if opts.policy else None)
-    user = current_user()
-    root = resolve_store_root(opts.store, pol.storage.root)
-    cat = open_catalog(resolve_catalog_url(opts.catalog, pol.storage.catalog), root, user)
-    try:
-        return submit_resume(job_id, catalog=cat, user=user, store_root=root, extra_options=extra_options)
-    finally:
-        cat.close()
+    return resubmit(job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy, extra_options=extra_options)
 
 
 def _drive(runner: Runner) -> int:

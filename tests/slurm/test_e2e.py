@@ -45,9 +45,8 @@ def test_periodic_checkpoints_carry_job_id_and_node(cluster: SlurmCluster, tmp_p
         meta = verify_image(rec.path).meta  # type: ignore[attr-defined]
         assert meta.job_id == job and meta.slurm.get("SLURM_JOB_ID") == job
         assert meta.slurm.get("SLURM_JOB_NODELIST") == node, "the image records the node Slurm gave the job"
-    if any(rec.node != node for rec in rows):  # type: ignore[attr-defined]
-        pytest.xfail(f"catalog rows name the host {rows[0].node!r}, not the Slurm node {node!r}: "  # type: ignore[attr-defined]
-                     "hpcckpt/runner/session.py must pass node=$SLURMD_NODENAME to Checkpointer")
+        assert rec.node == node, "the catalog row names the Slurm node, not the host"  # type: ignore[attr-defined]
+        assert meta.node == node
 
 
 def test_preempted_job_checkpoints_within_grace_and_resumes_on_another_node(

@@ -7,15 +7,15 @@ result of an uninterrupted run.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.slurm.adapter import ScontrolAdapter
-from hpcckpt.slurm.submit import resubmit
-from tests.slurm.cluster import SlurmCluster
+from tests.slurm.cluster import REPO, SlurmCluster
 from tests.slurm.e2e_helpers import (
     Counter,
     assert_resumed,
@@ -71,8 +71,12 @@ def test_failed_job_without_requeue_is_resubmitted_and_restores(cluster: SlurmCl
     latest = _latest(cluster, job)
     assert failed["Requeue"] == "0" and failed["Restarts"] == "0"
 
-    new = resubmit(job, store=str(cluster.store), slurm=ScontrolAdapter(env=cluster.env), env=cluster.env)
-    assert new != job
+    # Through the real command line, as a user would do it.
+    proc = subprocess.run([sys.executable, "-m", "hpcckpt", "resume", job, "--submit", "--store", str(cluster.store)],
+                          env={**cluster.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    new = proc.stdout.strip().splitlines()[-1]
+    assert new.isdigit() and new != job
     fields = cluster.show_job(new)
     assert fields["JobName"] == "resubme" and fields["Requeue"] == "0", "the original sbatch options carry over"
     wait_done(cluster, new, 120)
