@@ -7,14 +7,17 @@ the job's freeze short:
    policy ``pipeline.on_busy`` says skip (or one already waits), the
    checkpoint is not taken at all, so a slow store costs the job nothing and
    staged dumps never pile up.
-2. ``criu dump --leave-stopped`` into a fresh staged directory on tmpfs when
+2. The task tree and its open files (paths, modes, inodes) are read from
+   /proc while the job runs (:func:`hpcckpt.procinfo.snapshot`).
+3. ``criu dump --leave-running`` into a fresh staged directory on tmpfs when
    the node has the memory for it, else on node-local disk
-   (:func:`hpcckpt.pipeline.staging.choose_staging`). The job is frozen only
-   from here ...
-3. ... while its task tree and open files are read from /proc (the sizes
-   CRIU saw, see :mod:`hpcckpt.procinfo`), until SIGCONT. A *final*
-   checkpoint (preemption, ``--and-stop``) keeps the tree stopped until its
-   image is committed and then kills it.
+   (:func:`hpcckpt.pipeline.staging.choose_staging`): the job is frozen for
+   CRIU's dump and nothing else. The open files' sizes at the freeze (what
+   CRIU checks at restore) are then taken from CRIU's own images
+   (:func:`hpcckpt.criuimg.dumped_files`) while the job runs again. A
+   *final* checkpoint (preemption, ``--and-stop``) dumps with
+   ``--leave-stopped`` instead: the tree stays stopped until its image is
+   committed and is then killed (thawed if no image could be committed).
 4. ``criu cpuinfo dump`` and the staged metadata, then the completion marker
    (``.done``): from now on the dump is either flushed by us or salvaged by
    the Slurm epilog, never lost and never published twice.
@@ -49,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcckpt import criuimg, procinfo
 from hpcckpt import log as hlog
-from hpcckpt import procinfo
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User, node_name
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
@@ -96,7 +99,7 @@ class Staged:
 
     staged: StagedCheckpoint
     final: bool
-    frozen_s: float  # job stopped: dump plus reading /proc
+    frozen_s: float  # job stopped: the engine's dump, from its start until it returns
     dump_s: float
     staging: str  # "tmpfs" | "disk"
     started: float  # monotonic
@@ -142,6 +145,17 @@ def _remaining(deadline: float | None) -> float | None:
     if left <= 0:
         raise DeadlineExceededError("no time was left before the deadline to start the checkpoint")
     return left
+
+
+def _files_at_dump(snap: procinfo.TreeSnapshot, dump_dir: Path) -> list[OpenFile]:
+    """The job's open files with their sizes at the freeze, from CRIU's images.
+
+    An engine whose dumps are not CRIU images (no pstree.img) records no
+    sizes of its own: the snapshot's, taken just before the dump, stand in.
+    """
+    if not os.path.lexists(dump_dir / "pstree.img"):
+        return snap.open_files()
+    return procinfo.files_at_dump(snap, criuimg.dumped_files(dump_dir))
 
 
 Retention = Callable[[Catalog], None]
@@ -326,29 +340,28 @@ class Checkpointer:
                                 tmpfs=self.tmpfs)
         staged = StagedCheckpoint.create(choice.root, user)
         try:
-            t_freeze = time.monotonic()  # choosing staging and making its directory happen before the freeze
+            # The tree and its open files are read while the job still runs; only their sizes must be the
+            # sizes at the freeze, and those come from CRIU's images below, after the job runs again.
+            snap = procinfo.snapshot(pid)
+            t_freeze = time.monotonic()
             try:
-                dumped = self.engine.dump(pid, staged.dump_dir, options=self.options, after="stopped",
-                                          timeout=_remaining(deadline))
+                # A final checkpoint's tree must not run on past its image: it stays stopped until the commit.
+                dumped = self.engine.dump(pid, staged.dump_dir, options=self.options,
+                                          after="stopped" if final else "running", timeout=_remaining(deadline))
             except HpcckptError as err:
                 self.record_failure(err)
                 hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} "
                            f"failed: {err}; the job goes on running", 40, excerpt=getattr(err, "log_excerpt", ""))
                 raise
-            pids = procinfo.tree_pids(pid)
-            try:
-                tasks: list[TaskInfo] = procinfo.tasks(pid)
-                files: list[OpenFile] = procinfo.open_files(pids)
-            finally:
-                if not final:
-                    signal_tree(pids, signal.SIGCONT)
             frozen = time.monotonic() - t_freeze
             try:
+                tasks: list[TaskInfo] = snap.tasks
+                files = _files_at_dump(snap, staged.dump_dir)
                 self.engine.cpuinfo_dump(staged.dump_dir)
                 staged.mark_done(self._meta(pid), user, tasks=tasks, files=files)
             except (HpcckptError, OSError) as err:
                 if final:
-                    signal_tree(pids, signal.SIGCONT)
+                    signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)
                 if isinstance(err, OSError):
                     raise StoreError(f"{staged.path}: cannot finish the staged dump: {err}",
                                      hint="check free space in node-local staging (storage.staging, /dev/shm)"

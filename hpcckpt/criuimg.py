@@ -610,3 +610,207 @@ def check_credentials(images_dir: Path, uid: int, gid: int, groups: Iterable[int
                 "this image was crafted or taken from another user's job",
             )
     return creds
+
+
+# --- open regular files, as CRIU recorded them ----------------------------------
+#
+# The checkpoint pipeline dumps with the job left running, so sizes read from
+# /proc afterwards are not the sizes at the freeze. CRIU records each regular
+# file's size at the freeze (``reg_file_entry.size``) and refuses a restore
+# when the file's size differs, so these are the sizes worth recording.
+#
+# Where they live (``images/*.proto`` of CRIU 4.2):
+#
+# * ``pstree.img``        pstree_entry {pid 1, ppid 2, pgid 3, sid 4, threads 5}: pids
+#   inside the job's PID namespace
+# * ``ids-<pid>.img``     task_kobj_ids_entry {files_id 2}: which fd table the task uses
+# * ``fdinfo-<files_id>.img``  fdinfo_entry {id 1, flags 2 (FD_CLOEXEC), type 3, fd 4}
+# * ``files.img``         file_entry {type 1, id 2, reg 3}; reg_file_entry {id 1,
+#   flags 2 (open flags), pos 3, name 6, size 8 (absent for O_WRONLY|O_APPEND), ext 9,
+#   mode 10 (st_mode: devices and directories are "regular" entries too)}
+# * ``remap-fpath.img``   remap_file_path_entry {orig_id 1}: deleted or unlinked files,
+#   which CRIU brings back from its own copy rather than from the path
+
+FD_TYPE_REG = 1
+MAX_ENTRIES = 1 << 20  # per image file; a job with a million open files is not a job
+_MAX_PATH = 1 << 16
+
+Fields = dict[int, list[int | bytes]]
+
+
+@dataclass(frozen=True)
+class DumpedFile:
+    """A regular file open in a dumped task, as CRIU recorded it."""
+
+    pid: int  # the task's pid inside the job's PID namespace (pstree.img)
+    fd: int
+    path: str
+    flags: int  # open(2) flags
+    pos: int
+    size: int | None  # None: CRIU records (and checks) no size, as for O_WRONLY|O_APPEND files
+    remapped: bool = False  # deleted or unlinked at the dump: restored from CRIU's own copy
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Fields:
+    """One protobuf message's top-level fields: varints as ints, length-delimited as bytes."""
+    out: Fields = {}
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        num, wire = key >> 3, key & 7
+        if num == 0:
+            raise _Corrupt("field number 0", pos)
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            out.setdefault(num, []).append(value)
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if length > end - pos:
+                raise _Corrupt(f"field {num} claims {length} bytes, only {end - pos} left", pos)
+            out.setdefault(num, []).append(buf[pos : pos + length])
+            pos += length
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if end - pos < width:
+                raise _Corrupt(f"truncated fixed{width * 8} (field {num})", pos)
+            out.setdefault(num, []).append(int.from_bytes(buf[pos : pos + width], "little"))
+            pos += width
+        else:
+            raise _Corrupt(f"unsupported wire type {wire} (field {num})", pos)
+    return out
+
+
+class _Entries:
+    """The entries of one CRIU image file of a known type, each decoded one level deep."""
+
+    def __init__(self, dfd: int, images_dir: Path, name: str, rtype: str) -> None:
+        self.dfd = dfd
+        self.path = images_dir / name
+        self.name = name
+        self.rtype = rtype
+
+    def corrupt(self, message: str, offset: int, record: int | None = None) -> CorruptImageError:
+        return CorruptImageError(message, path=str(self.path), offset=offset, record=record, rtype=self.rtype,
+                                 hint="CRIU wrote a malformed image or it was changed; take the checkpoint again")
+
+    def read(self, *, required: bool) -> list[tuple[int, Fields]]:
+        """(offset of the entry's size field, its fields) for each entry; [] for a missing optional file."""
+        opened = _open_member(self.dfd, self.name, self.path.parent)
+        if opened is None:
+            if required:
+                raise UnreadableImageError(f"{self.path}: missing from the CRIU dump",
+                                           hint="the dump is incomplete; take the checkpoint again")
+            return []
+        fd, st = opened
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(st.st_size + 1)
+        if len(data) != st.st_size:
+            raise self.corrupt(f"changed size while being read ({st.st_size} -> {len(data)} bytes)", 0)
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> list[tuple[int, Fields]]:
+        if not data:
+            return []
+        if len(data) < 4:
+            raise self.corrupt("file shorter than a CRIU magic", 0)
+        (magic,) = _U32.unpack_from(data, 0)
+        pos = 4
+        if magic in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+            if len(data) < 8:
+                raise self.corrupt("file ends inside its header", 4)
+            (magic,) = _U32.unpack_from(data, 4)
+            pos = 8
+        if KNOWN_MAGICS.get(magic) != self.rtype:
+            raise self.corrupt(f"magic {magic:#010x} is not that of a {self.rtype} image", pos - 4)
+        out: list[tuple[int, Fields]] = []
+        while pos < len(data):
+            index = len(out)
+            if index >= MAX_ENTRIES:
+                raise self.corrupt(f"more than {MAX_ENTRIES} entries", pos, index)
+            if len(data) - pos < 4:
+                raise self.corrupt("file ends inside an entry's size", pos, index)
+            (length,) = _U32.unpack_from(data, pos)
+            if length > MAX_ENTRY_BYTES or length > len(data) - pos - 4:
+                raise self.corrupt(f"entry claims {length} bytes, {len(data) - pos - 4} left in the file", pos,
+                                   index)
+            try:
+                out.append((pos, _fields(data, pos + 4, pos + 4 + length)))
+            except _Corrupt as err:
+                raise self.corrupt(str(err), err.pos, index) from None
+            pos += 4 + length
+        return out
+
+
+def _one(fields: Fields, num: int, default: int | None = None) -> int | None:
+    """The last value of scalar field ``num`` (proto2: the last one wins)."""
+    vals = [v for v in fields.get(num, ()) if isinstance(v, int)]
+    return vals[-1] if vals else default
+
+
+def _need(entries: _Entries, fields: Fields, num: int, offset: int, what: str) -> int:
+    value = _one(fields, num)
+    if value is None:
+        raise entries.corrupt(f"{what} (field {num}) is missing", offset)
+    return value
+
+
+def dumped_files(images_dir: Path) -> list[DumpedFile]:
+    """Every regular file open in the dumped tree, one record per (task, fd), in pstree order.
+
+    Reads pstree.img, ids-N.img, fdinfo-N.img, files.img and remap-fpath.img
+    with the same bounds and refusals as :func:`scan_credentials`.
+    """
+    images_dir = Path(images_dir)
+    try:
+        dfd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise UnreadableImageError(f"{images_dir}: cannot open: {err.strerror}") from None
+    try:
+        regs: dict[int, tuple[str, int, int, int | None]] = {}  # file id -> (name, flags, pos, size)
+        files = _Entries(dfd, images_dir, "files.img", "FILES")
+        for off, fe in files.read(required=True):
+            if _one(fe, 1) != FD_TYPE_REG:
+                continue
+            fid = _need(files, fe, 2, off, "file id")
+            body = [v for v in fe.get(3, ()) if isinstance(v, bytes)]
+            if not body:
+                raise files.corrupt(f"regular file {fid} has no reg_file_entry", off)
+            try:
+                reg = _fields(body[-1], 0, len(body[-1]))
+            except _Corrupt as err:
+                raise files.corrupt(f"reg_file_entry: {err}", off) from None
+            names = [v for v in reg.get(6, ()) if isinstance(v, bytes)]
+            if not names or len(names[-1]) > _MAX_PATH or _one(reg, 9, 0):
+                continue  # external files (ext) name no path of ours; CRIU resolves them itself
+            mode = _one(reg, 10)
+            if mode is not None and not stat.S_ISREG(mode):
+                continue  # devices, directories: CRIU's "regular file" entries cover every path-opened fd
+            name = names[-1].decode("utf-8", "surrogateescape")
+            regs[fid] = (name, _need(files, reg, 2, off, "flags"), _need(files, reg, 3, off, "pos"), _one(reg, 8))
+        remapped = {
+            _need(remaps, e, 1, off, "orig_id")
+            for remaps in [_Entries(dfd, images_dir, "remap-fpath.img", "REMAP_FPATH")]
+            for off, e in remaps.read(required=False)
+        }
+        out: list[DumpedFile] = []
+        tables: dict[int, list[tuple[int, int]]] = {}  # files_id -> [(fd, file id)]
+        pstree = _Entries(dfd, images_dir, "pstree.img", "PSTREE")
+        for off, task in pstree.read(required=True):
+            pid = _need(pstree, task, 1, off, "pid")
+            ids = _Entries(dfd, images_dir, f"ids-{pid}.img", "IDS")
+            entries = ids.read(required=True)
+            if len(entries) != 1:
+                raise ids.corrupt(f"{len(entries)} entries, expected 1", 0)
+            files_id = _need(ids, entries[0][1], 2, entries[0][0], "files_id")
+            if files_id not in tables:
+                fdinfo = _Entries(dfd, images_dir, f"fdinfo-{files_id}.img", "FDINFO")
+                tables[files_id] = [
+                    (_need(fdinfo, e, 4, o, "fd"), _need(fdinfo, e, 1, o, "id"))
+                    for o, e in fdinfo.read(required=False) if _one(e, 3) == FD_TYPE_REG
+                ]
+            for fd, fid in tables[files_id]:
+                if fid in regs:
+                    name, flags, pos, size = regs[fid]
+                    out.append(DumpedFile(pid, fd, name, flags, pos, size, fid in remapped))
+        return out
+    finally:
+        os.close(dfd)
