@@ -6,8 +6,9 @@ For each size, one process holding that many MiB of numpy data is started in
 its own PID namespace (as ``hpcckpt run`` does), then, alternately:
 
 * raw: ``criu dump --leave-running`` into the staging dir (CRIU's own freeze);
-* hpcckpt: the full pipeline (dump --leave-stopped, /proc scan, SIGCONT, then
-  pack + publish + commit while the job runs).
+* hpcckpt: the full pipeline (/proc read while the job runs, dump
+  --leave-running, open files' sizes from CRIU's images, then pack + publish +
+  commit while the job runs).
 
 Printed: the job's frozen time under hpcckpt ÷ the raw dump time, and the
 end-to-end checkpoint time (and its ratio to the raw dump), all from this run.
@@ -16,6 +17,7 @@ end-to-end checkpoint time (and its ratio to the raw dump), all from this run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -82,7 +84,7 @@ def main() -> int:
             # directory the raw dump uses, so the two are compared like for like.
             ck = Checkpointer(engine=criu, store=store, catalog=cat, job=job, options=DumpOptions(),
                               flush=FlushSettings(codec=args.codec, incremental=False),
-                              publisher=StorePublisher(store, lambda: open_catalog(None, store_root, user)),
+                              publisher=StorePublisher(store, functools.partial(open_catalog, None, store_root, user)),
                               disk_staging=work / "stage", tmpfs=None)
             raw, frozen, total, size = [], [], [], 0
             for i in range(args.repeat):

@@ -4,7 +4,7 @@
 
 Prints, side by side with its baseline (target in brackets):
 
-1. job frozen in ``Checkpointer.stage`` (dump to staging, /proc, thaw) / raw ``criu dump`` [<= 1.10]
+1. job frozen in ``Checkpointer.stage`` (CRIU's dump, job left running) / raw ``criu dump`` [<= 1.10]
 2. publish throughput of the Checkpointer's background flush (pack + fsync + rename + commit)
    / ``dd conv=fsync`` of the same bytes [>= 0.85]
 3. bytes of the 2nd checkpoint (5% of memory changed) / the full image [<= 0.10]
@@ -113,6 +113,10 @@ def drop_caches() -> None:
         pass
 
 
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def row(name: str, ours: float, base: float, unit: str, target: str, higher_better: bool = False) -> None:
     ratio = ours / base if base else float("inf")
     ok = ratio >= float(target[2:]) if higher_better else ratio <= float(target[2:])
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(store_root, me)
     ck = make_checkpointer(criu, store, me, "bench", staging, args.codec)
     print(f"job {size} MiB; store {store_root}; disk staging {staging}; codec {args.codec}; criu {criu.version()}")
+    print(f"load average at start: {load()} (2 cores are shared: read ratios against it)")
     flag = work / "flag"
     outer, pid = spawn(JOB, str(size), str(flag))
     try:
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ck_s = float(ck_out.read_text())
     print(f"5. compute job with {n} checkpoints every {interval:.0f} s: {ck_s:.2f} s vs {base_s:.2f} s without: "
           f"slowdown {100 * (ck_s / base_s - 1):.1f}% [<=3%]")
+    print(f"load average at the end: {load()}")
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(store_root, ignore_errors=True)
     return 0
