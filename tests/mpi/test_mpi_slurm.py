@@ -89,6 +89,7 @@ def test_preempted_two_node_mpi_job_resumes_bit_identical(
     cluster: SlurmCluster,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
+    pytest.importorskip("mpi4py")
     plugins = cluster.cmd(["srun", "--mpi=list"], check=False)
     if "pmix" not in plugins.stdout + plugins.stderr:
         pytest.skip("Slurm's mpi/pmix plugin is not installed (apt-get install slurm-wlm-basic-plugins)")
