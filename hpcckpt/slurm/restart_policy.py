@@ -128,9 +128,10 @@ def decide(rules: RestartRules, out: JobOutcome) -> RestartDecision:
         return RestartDecision(Action.NONE, Kind.FINAL, f"job ended {state}; nothing to restart")
     kind = classify(out)
     if kind is Kind.FINAL:
+        why = "it finished" if out.exit_code == 0 else "its own failure"
         return RestartDecision(
             Action.NONE, kind,
-            f"job ended {state} with exit status {out.exit_code}: its own failure, not restarted",
+            f"job ended {state} with exit status {out.exit_code}: {why}, not restarted",
         )
     failures = out.prior_failures + (1 if kind is Kind.FAILURE else 0)
     if kind is Kind.FAILURE and failures > rules.max_restarts:
