@@ -64,6 +64,7 @@ from hpcckpt.jobid import JobIdentity
 from hpcckpt.pipeline.flush import Admission, Flusher, FlushResult, FlushSettings, Publisher
 from hpcckpt.pipeline.predump import PreDumpPlan
 from hpcckpt.pipeline.staging import TMPFS, StagedCheckpoint, choose_staging, job_rss, staging_candidates
+from hpcckpt.runner.launch import needs_user_namespace
 from hpcckpt.store import Store
 
 _log = hlog.get("checkpoint")
@@ -306,7 +307,9 @@ class Checkpointer:
             created=time.time(),
             extra={"stdio": dict(self.job.stdio),
                    "interval": dict(self.job.interval) if self.job.interval else None,
-                   "cpuinfo": True, "root_host_pid": pid},
+                   "cpuinfo": True, "root_host_pid": pid,
+                   # Its ids are then those of the job's own user namespace (0 = the owner).
+                   "userns": needs_user_namespace()},
         )
 
     def record_failure(self, err: HpcckptError | OSError) -> int | None:

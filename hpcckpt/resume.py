@@ -15,9 +15,12 @@ For each candidate image, newest first (or only the one asked for):
    run ``criu restore`` with fresh stdout/stderr pipes handed in with
    ``--inherit-fd``, with the credentials of the image's owner.
 
-Root restores another user's image only when asked explicitly
-(``allow_other_user``, ``hpcckpt resume --as-owner``), and then CRIU runs
-as that user, never with root's power.
+Root never restores a user's image with root's power: ``hpcckpt resume
+--as-owner USER`` first becomes USER for good (:func:`hpcckpt.security.become`)
+and then resumes exactly as USER would. Every id in the CRIU images must be
+USER's; ids of 0 pass only in an image its runner recorded as taken of a job
+in USER's own user namespace (``extra["userns"]``), which is restored into a
+fresh one that maps 0 to USER alone.
 
 A corrupt image, or a restore that CRIU refuses, makes us say so and try
 the one before it. A node or file mismatch (:class:`IncompatibleError`)
@@ -27,7 +30,6 @@ the user must be told what differs rather than be given an older state.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile
@@ -40,7 +42,7 @@ from typing import Any
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
 from hpcckpt.context import User, node_name
-from hpcckpt.engine.base import CheckpointEngine, DumpOptions, RestoreResult
+from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import restore_needs_user_namespace
 from hpcckpt.errors import (
     EngineError,
@@ -48,7 +50,6 @@ from hpcckpt.errors import (
     ImageError,
     IncompatibleError,
     NotFoundError,
-    PermissionDeniedError,
     UsageError,
 )
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
@@ -56,7 +57,7 @@ from hpcckpt.image.parent import chain_info
 from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner.launch import StdioPipes
-from hpcckpt.security import authorize_restore, popen_credentials, restore_credentials_for
+from hpcckpt.security import authorize_restore
 
 _log = hlog.get("resume")
 GROWN_CHOICES = ("truncate", "keep", "refuse")
@@ -191,14 +192,6 @@ def raw_size_estimate(image: Path) -> int:
     return 2 * (size + base)
 
 
-def engine_runs_as(engine: CheckpointEngine) -> bool:
-    """Whether the engine's ``restore`` takes ``run_as`` (a user to run CRIU as)."""
-    try:
-        return "run_as" in inspect.signature(engine.restore).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class EarlyCpuCheck:
     """``criu cpuinfo check`` of an image's cpuinfo.img, run while the rest of the image unpacks.
 
@@ -262,7 +255,6 @@ class Resumer:
         options: DumpOptions,
         grown_files: str = "truncate",
         tmpfs: Path | None = TMPFS,
-        allow_other_user: bool = False,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -271,7 +263,6 @@ class Resumer:
         self.tmpfs = tmpfs
         self.options = options
         self.grown_files = grown_files
-        self.allow_other_user = allow_other_user
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
@@ -309,28 +300,9 @@ class Resumer:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
 
-    def _owner_check(self, rec: CkptRecord, owner: User) -> None:
-        if owner.uid == os.geteuid():
-            return
-        if not (self.user.is_root and self.allow_other_user):
-            raise PermissionDeniedError(
-                f"checkpoint {rec.ckptid} belongs to {owner.name}; a restore runs with the credentials of "
-                "the user who asks for it",
-                hint=f"run 'hpcckpt resume' as {owner.name} (for example from their batch job), or as root "
-                "with --as-owner, which restores it with their credentials",
-            )
-        if not engine_runs_as(self.engine):
-            raise PermissionDeniedError(
-                f"checkpoint {rec.ckptid} belongs to {owner.name}, and this CRIU adapter cannot yet run a "
-                "restore with another user's credentials; root never restores it with its own",
-                hint=f"run 'hpcckpt resume' as {owner.name}",
-            )
-
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
-        # Root restoring for someone unpacks into *their* staging, which CRIU running as them can read.
-        stager = restore_credentials_for(image) if self.user.is_root and self.allow_other_user else self.user
-        choice = choose_staging(stager, rec.job_id, raw_size_estimate(image), disk_root=self.disk_staging,
+        choice = choose_staging(self.user, rec.job_id, raw_size_estimate(image), disk_root=self.disk_staging,
                                 tmpfs=self.tmpfs)
         dest = choice.root / f"restore-{os.getpid()}-{rec.ckptid}"
         if dest.exists():
@@ -347,10 +319,12 @@ class Resumer:
                     + "\n  ".join(plan.problems),
                     hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
                 )
-            owner = authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
-                                      allow_root=True,
-                                      namespaced=restore_needs_user_namespace(dest, euid=os.geteuid()))
-            self._owner_check(rec, owner)
+            # The caller must be the owner: root restores a user's image only after becoming them.
+            # Namespace ids (all 0) are accepted only for a job its runner recorded as running in a
+            # user namespace of its own; the kernel maps them to the caller and nobody else.
+            authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
+                              namespaced=summary.meta.extra.get("userns") is True
+                              and restore_needs_user_namespace(dest, euid=os.geteuid()))
             if summary.meta.extra.get("cpuinfo"):
                 ok, why = cpu.answer(dest)
                 if not ok:
@@ -368,7 +342,7 @@ class Resumer:
                     if isinstance(stdio.get(job_fd), str):
                         inherit[ours] = str(stdio[job_fd])
             try:
-                res = self._restore(dest, inherit, owner)
+                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
@@ -387,19 +361,6 @@ class Resumer:
                    parents=summary.parents)
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
                         fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind)
-
-    def _restore(self, dest: Path, inherit: dict[int, str], owner: User) -> RestoreResult:
-        if owner.uid == os.geteuid():
-            return self.engine.restore(dest, options=self.options, inherit_fds=inherit)
-        # Root on the owner's behalf (checked in _owner_check): CRIU must read the images as them.
-        popen_credentials(owner)  # refuses unless we may switch to them
-        for d, dirs, files in os.walk(dest, followlinks=False):
-            for name in [*dirs, *files]:
-                os.chown(os.path.join(d, name), owner.uid, owner.gid, follow_symlinks=False)
-        os.chown(dest, owner.uid, owner.gid, follow_symlinks=False)
-        restore: Any = self.engine.restore
-        result: RestoreResult = restore(dest, options=self.options, inherit_fds=inherit, run_as=owner)
-        return result
 
 
 def describe(restored: Restored) -> dict[str, Any]:

@@ -192,6 +192,24 @@ def drop_privileges_to(user: User) -> None:
     raise PermissionDeniedError("could regain root after dropping privileges; refusing to continue")
 
 
+def become(user: User) -> None:
+    """Root turns this whole process into ``user`` for good, before it opens anything of theirs.
+
+    Used by ``hpcckpt resume --as-owner USER``: from here on the process can
+    do exactly what USER can, so the restore runs with USER's credentials and
+    the kernel, not only our checks, keeps root's power out of it. The
+    environment's identity variables follow, and root's runtime dir is
+    dropped so control sockets land in USER's own.
+    """
+    if os.geteuid() != 0:
+        raise PermissionDeniedError("only root can act as another user", hint="run it as yourself")
+    drop_privileges_to(user)
+    os.environ.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
+    os.environ.pop("XDG_RUNTIME_DIR", None)
+    hlog.event(_log, "security.became", f"running as {user.name} (uid {user.uid}) from here on",
+               uid=user.uid)
+
+
 def child_environment(user: User, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a process run as ``user`` on root's behalf.
 

@@ -29,10 +29,11 @@ With --submit nothing is restored here: a new Slurm job is submitted with
 JOBID's batch script and resources, which resumes JOBID's latest image when
 it starts; its job id is printed.
 
-Root restores another user's checkpoint only with --as-owner (and
---catalog pointing at that user's catalog), and then CRIU runs with that
-user's credentials, never root's; an image whose CRIU ids are not the
-owner's is refused.
+Root resumes another user's job only with --as-owner USER: hpcckpt then
+becomes USER for good before it opens anything, and resumes exactly as USER
+would, so CRIU never runs with root's power. Every uid and gid recorded in
+the CRIU images must be USER's own (an image that claims uid 0 is refused,
+unless it is of a job that ran in USER's own user namespace, where 0 is USER).
 
 examples:
   hpcckpt resume 4242
@@ -40,6 +41,7 @@ examples:
   hpcckpt resume mysim --interval 10m
   hpcckpt resume 4242 --submit                         # prints the new job id
   hpcckpt resume 4242 --submit --sbatch=--partition=long --sbatch=--time=2:00:00
+  sudo hpcckpt resume 4242 --as-owner alice            # an admin, on alice's behalf
 
 exit codes: the job's own status (128+N if killed by signal N); 85
   checkpointed and stopped; 4 every image corrupt; 8 CRIU failed; 9 this node
@@ -58,8 +60,8 @@ def register(sub: Any) -> None:
                    help="submit a new Slurm job that resumes JOBID, print its job id, and return")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPT",
                    help="with --submit: an extra sbatch option (repeatable; write --sbatch=--time=1:00:00)")
-    p.add_argument("--as-owner", action="store_true",
-                   help="root only: restore another user's checkpoint, running CRIU as that user")
+    p.add_argument("--as-owner", metavar="USER",
+                   help="root only: become USER, then resume USER's job exactly as USER would")
     add_store_args(p)
     p.set_defaults(func=run)
 
@@ -78,4 +80,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--submit resumes the latest checkpoint as yourself; drop --ckpt and --as-owner")
         print(submit_resume_job(args.job_id, opts, extra_options=list(args.sbatch)))
         return 0
-    return resume_job(args.job_id, opts, ckptid=args.ckpt, allow_other_user=args.as_owner)
+    as_owner = None
+    if args.as_owner:
+        from hpcckpt.context import user_by_name
+
+        try:
+            as_owner = user_by_name(args.as_owner)
+        except KeyError as err:
+            raise UsageError(f"--as-owner: no user named {args.as_owner!r}") from err
+    return resume_job(args.job_id, opts, ckptid=args.ckpt, as_owner=as_owner)

@@ -51,6 +51,7 @@ from hpcckpt.retention import RetentionPolicy, apply_retention
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
 from hpcckpt.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
+from hpcckpt.security import become
 from hpcckpt.store import Store
 
 _log = hlog.get("session")
@@ -191,10 +192,9 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
     return Runner(cfg, ckpt, control, signals)
 
 
-def _resumer(env: Environment, *, allow_other_user: bool = False) -> Resumer:
+def _resumer(env: Environment) -> Resumer:
     return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
-                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files,
-                   allow_other_user=allow_other_user)
+                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files)
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
@@ -274,17 +274,19 @@ def run_job(
 
 
 def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
-               engine: CheckpointEngine | None = None, allow_other_user: bool = False,
+               engine: CheckpointEngine | None = None, as_owner: User | None = None,
                publisher: PublisherFactory | None = None) -> int:
     """``hpcckpt resume``: restore the job as our child, keep checkpointing it, return its exit status.
 
-    ``allow_other_user``: root may restore another user's image, with that user's credentials.
+    ``as_owner``: root resumes that user's job by becoming the user first, for good.
     """
+    if as_owner is not None:
+        become(as_owner)
     env = load_environment(opts, engine)
     set_child_subreaper()
     signals = _signal_queue(env, opts)
     try:
-        restored = _resumer(env, allow_other_user=allow_other_user).resume(job_id, ckptid)
+        restored = _resumer(env).resume(job_id, ckptid)
         meta = restored.summary.meta
         ident = JobIdentity(job_id, "cli", meta.requeue_count, meta.array_job_id, meta.array_task_id, meta.step)
         for line in restored.fallbacks:

@@ -285,3 +285,37 @@ def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser,
     assert len(after) >= 3, (work / "runner.log").read_text()
     # It went on from a checkpoint: not from 0, and never past what it had reached when killed.
     assert 0 < after[0] <= before[-1] + 1 and after[1] == after[0] + 1
+    assert resumed.returncode == 85, "SIGTERM gives a final checkpoint and 'requeue me'"
+
+    # An admin resumes alice's job on her behalf: root becomes alice first, so the job comes back
+    # as alice's (her user namespace maps its uid 0 to her alone) and goes on from the final image.
+    count = len(out.read_text().split())
+    admin_log = (work / "admin.log").open("w")
+    admin = subprocess.Popen([str(venv_bin() / "python"), "-m", "hpcckpt", "resume", "x", "--as-owner", "alice"],
+                             env={**os.environ, "PYTHONPATH": str(REPO), **store}, cwd=str(work),
+                             stdout=subprocess.DEVNULL, stderr=admin_log, start_new_session=True)
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and len(out.read_text().split()) < count + 3:
+            time.sleep(0.2)
+        again = [int(x) for x in out.read_text().split()][count:]
+        owners = {os.stat(f"/proc/{p}").st_uid for p in _pids_of(admin.pid)}
+    finally:
+        os.killpg(admin.pid, signal.SIGTERM)
+        admin.wait(timeout=60)
+        admin_log.close()
+    assert len(again) >= 3, (work / "admin.log").read_text()
+    total = [int(x) for x in out.read_text().split()][:count]
+    assert again[0] == total[-1] + 1, "root's resume went on from alice's final checkpoint"
+    assert owners == {alice.uid}, f"the admin's resume runs as alice only, found uids {owners}"
+
+
+def _pids_of(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    import psutil
+
+    try:
+        proc = psutil.Process(root)
+        return [proc.pid, *(c.pid for c in proc.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
