@@ -26,7 +26,6 @@ SETTLE seconds: a restart file caught half-written would be worse than none.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import signal
@@ -270,26 +269,31 @@ class FilesRunner:
         return EXIT_REQUEUE
 
 
-def run_files_engine(args: argparse.Namespace, policy: Any) -> int:
-    """Entry point for ``hpcckpt run --engine app`` (called by hpcckpt.cli.run_cmd)."""
-    patterns = list(getattr(args, "app_files", None) or [])
-    cmd = list(getattr(args, "cmd", None) or [])
-    if cmd[:1] == ["--"]:
-        cmd = cmd[1:]
+def run_files_engine(
+    cmd: Sequence[str],
+    policy: Any,
+    *,
+    app_files: Sequence[str],
+    app_signal: str | None = None,
+    interval: str | None = None,
+    job_id: str | None = None,
+    store: str | None = None,
+    catalog: str | None = None,
+) -> int:
+    """``hpcckpt run --engine app``: run ``cmd``, capturing its restart files ``app_files`` (globs)."""
+    patterns = list(app_files)
+    cmd = list(cmd)
     if not patterns:
         raise UsageError("--engine app needs --app-files", hint="e.g. --app-files 'restart.*'")
     if not cmd:
         raise UsageError("no command to run", hint="hpcckpt run --engine app --app-files 'rst.*' -- ./code")
-    app_sig = signal_number(args.app_signal) if getattr(args, "app_signal", None) else None
-    interval = getattr(args, "interval", None)
-    ctx = job_context(policy, job_id=getattr(args, "job_id", None), store=getattr(args, "store", None),
-                      catalog=getattr(args, "catalog", None),
-                      interval=str(interval) if interval is not None else None)
-    # The job id must not depend on how the command was spelled.
-    if not getattr(args, "job_id", None) and ctx.job_id.startswith("local-"):
-        ctx = job_context(policy, job_id=f"local-{Path(cmd[0]).name}", store=getattr(args, "store", None),
-                          catalog=getattr(args, "catalog", None),
-                          interval=str(interval) if interval is not None else None)
+    app_sig = signal_number(app_signal) if app_signal else None
+    # Without --job-id outside Slurm, the job id must not depend on how the command was spelled,
+    # so that running the same command again finds its checkpoints.
+    ctx = job_context(policy, job_id=job_id, store=store, catalog=catalog, interval=interval)
+    if not job_id and ctx.job_id.startswith("local-"):
+        ctx = job_context(policy, job_id=f"local-{Path(cmd[0]).name}", store=store, catalog=catalog,
+                          interval=interval)
     job = FilesJob(ctx, current_user(), patterns, Path.cwd(), policy)
     env = dict(os.environ)
     env["HPCCKPT_JOB_ID"] = ctx.job_id

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
         cli = {"interval": args.interval} if args.interval else None
         pol = load_policy(user_file=Path(args.policy) if args.policy else None, cli=cli)
-        return run_files_engine(args, pol)
+        return run_files_engine(argv, pol, app_files=args.app_files, app_signal=args.app_signal,
+                                interval=args.interval, job_id=args.job_id, store=args.store, catalog=args.catalog)
     if args.app_files or args.app_signal:
         raise UsageError("--app-files and --app-signal need --engine app")
     from hpcckpt.runner.session import SessionOptions, run_job

@@ -50,36 +50,24 @@ PROGRAM = textwrap.dedent(
     """
 )
 
-DRIVER = textwrap.dedent(
-    """
-    import argparse, sys
-    from hpcckpt import log
-    from hpcckpt.app.files_engine import run_files_engine
-    from hpcckpt.policy import load_policy
-    log.setup()
-    store, job, interval, sig, *cmd = sys.argv[1:]
-    args = argparse.Namespace(app_files=["restart.dat"], app_signal=sig or None, interval=interval or None,
-                              job_id=job, cmd=cmd, store=store, catalog=None)
-    sys.exit(run_files_engine(args, load_policy()))
-    """
-)
-
-
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     (tmp_path / "prog.py").write_text(PROGRAM)
-    (tmp_path / "driver.py").write_text(DRIVER)
     return tmp_path
 
 
 def start(workdir: Path, job: str, interval: str, sig: str, until: int, every: int) -> subprocess.Popen[str]:
+    """The real command line: ``hpcckpt run --engine app --app-files restart.dat ...``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCCKPT_", "SLURM_"))}
     env.update(PYTHONPATH=str(REPO), HPCCKPT_LOG_FORMAT="json")
-    return subprocess.Popen(
-        [sys.executable, "driver.py", str(workdir / "store"), job, interval, sig, sys.executable, "prog.py",
-         str(until), str(every)],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    argv = [sys.executable, "-m", "hpcckpt", "run", "--engine", "app", "--app-files", "restart.dat",
+            "--job-id", job, "--store", str(workdir / "store")]
+    if interval:
+        argv += ["--interval", interval]
+    if sig:
+        argv += ["--app-signal", sig]
+    argv += ["--", sys.executable, "prog.py", str(until), str(every)]
+    return subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def committed(workdir: Path, job: str) -> list[Any]:
