@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import shutil
@@ -67,6 +68,7 @@ def two_dumps(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     flag = tmp_path / "flag"
     outer = subprocess.Popen(["unshare", "-p", "-f", "setsid", "python3", "-c", SCRIPT, str(flag)],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = 0
     try:
         _wait_for(flag, "ready")
         pid = psutil.Process(outer.pid).children()[0].pid
@@ -76,6 +78,10 @@ def two_dumps(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         _dump(pid, tmp_path / "d2")
         yield tmp_path / "d1", tmp_path / "d2"
     finally:
+        # unshare does not take its child with it: end the job's pid 1 (the namespace) first.
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if outer.poll() is None:
             outer.kill()
         outer.wait()
