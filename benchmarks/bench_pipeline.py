@@ -19,6 +19,7 @@ random bytes, half float64 ramps (compressible, like numeric arrays).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import shutil
@@ -164,19 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_text(flag, "ready")
 
-        # 1. frozen time: alternate raw and staged dumps, best of 3 each (the machine is shared)
+        # 1. frozen time: alternate raw and staged dumps, best of 3 each (the machine is shared). The raw
+        # dump goes into the staging root the Checkpointer chose (tmpfs or disk), so both write to the same place.
         raws, ours = [], []
         kinds = set()
         for i in range(3):
-            raw = work / f"raw{i}"
-            raw.mkdir()
-            raws.append(timed(lambda r=raw: criu_raw(  # type: ignore[misc]
-                criu, "dump", "-t", str(pid), "-D", str(r), "-o", "d.log", "--leave-running")))
-            shutil.rmtree(raw)
             taken = ck.stage(pid)
             ours.append(taken.frozen_s)
             kinds.add(taken.staging)
+            raw = taken.staged.path.parent / f"raw-dump-{i}"
             taken.staged.remove()
+            raw.mkdir(mode=0o700)
+            raws.append(timed(lambda r=raw: criu_raw(  # type: ignore[misc]
+                criu, "dump", "-t", str(pid), "-D", str(r), "-o", "d.log", "--leave-running")))
+            shutil.rmtree(raw)
         row(f"1. frozen: Checkpointer.stage ({'/'.join(sorted(kinds))}) / raw criu dump", min(ours), min(raws),
             "s", "<=1.10")
 
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{nbytes / t / MiB:8.1f} MiB/s")
             del buf
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # pid 1 of its namespace: killing unshare alone leaves it running
         outer.kill()
         outer.wait()
         ck.finish(60)
