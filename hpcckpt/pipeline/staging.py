@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from hpcckpt import fsutil
+from hpcckpt import log as hlog
 from hpcckpt.context import User
 from hpcckpt.errors import StoreError, UnsafePathError
 from hpcckpt.image.model import (
@@ -45,6 +46,7 @@ from hpcckpt.image.model import (
     tasks_from_json,
 )
 
+_log = hlog.get("staging")
 TMPFS = Path("/dev/shm")
 TMPFS_SUBDIR = "hpcckpt-staging"
 DEFAULT_FACTOR = 1.5  # dump ~ RSS, plus headroom for the page cache and the job growing
@@ -145,18 +147,19 @@ def choose_staging(
     return StagingChoice(path, kind, reason)
 
 
-def tmpfs_base(tmpfs: Path = TMPFS) -> Path | None:
+def tmpfs_base(tmpfs: Path = TMPFS, *, create: bool = True) -> Path | None:
     """``TMPFS/hpcckpt-staging`` if it is a directory only root (or we) may write, else None.
 
     tmpfs is world-writable: a directory another user made there first, or a
     symlink, would put our dumps (and the tree the root epilog walks) in
-    their hands. Root makes it (0755) when missing, as the Slurm prolog does;
-    anyone else only uses one that is already there and safe.
+    their hands. Root makes it (0755) when missing and ``create`` is set, as
+    the Slurm prolog does; anyone else only uses one that is already there
+    and safe. A base that exists but is not safe is logged and refused.
     """
     base = Path(tmpfs) / TMPFS_SUBDIR
     if not os.path.isdir(tmpfs):
         return None
-    if fsutil.running_as_root():
+    if create and fsutil.running_as_root():
         with contextlib.suppress(FileExistsError):
             os.mkdir(base, 0o755)
     try:
@@ -164,6 +167,9 @@ def tmpfs_base(tmpfs: Path = TMPFS) -> Path | None:
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or stat.S_IMODE(st.st_mode) & 0o022:
+        hlog.event(_log, "staging.tmpfs_refused", f"{base}: not a directory of root's that only root may write "
+                   f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); tmpfs staging left alone", 40,
+                   path=str(base))
         return None
     return base
 

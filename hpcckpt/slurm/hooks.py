@@ -38,7 +38,7 @@ from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
 from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError, UnsafePathError
 from hpcckpt.pipeline.flush import FlushSettings
-from hpcckpt.pipeline.staging import TMPFS, TMPFS_SUBDIR, staging_candidates
+from hpcckpt.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import Action, JobOutcome, Kind, RestartDecision, RestartRules, decide
@@ -219,26 +219,9 @@ def _tmpfs_base(deps: HookDeps, *, create: bool) -> Path | None:
 
     /dev/shm is world-writable: a user who made this directory first, or put a
     symlink there, would own the tree root walks through in the Epilog. Root
-    makes it 0755 before any job runs on the node (the Prolog), and the hooks
-    refuse a base that is not a real root-owned directory that only root may write.
+    makes it 0755 before any job runs on the node (the Prolog).
     """
-    if deps.tmpfs is None or not os.path.isdir(deps.tmpfs):
-        return None
-    base = deps.tmpfs / TMPFS_SUBDIR
-    if create and fsutil.running_as_root():
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(base, 0o755)
-    try:
-        st = os.lstat(base)
-    except FileNotFoundError:
-        return None
-    owner_ok = st.st_uid == os.geteuid() or st.st_uid == 0
-    if not stat.S_ISDIR(st.st_mode) or not owner_ok or stat.S_IMODE(st.st_mode) & 0o022:
-        _event("slurm.hook.tmpfs", f"{base}: not a directory of root's that only root may write "
-               f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); tmpfs staging left alone",
-               logging.ERROR, path=str(base))
-        return None
-    return base
+    return None if deps.tmpfs is None else tmpfs_base(deps.tmpfs, create=create)
 
 
 def save_job_info(env: SlurmEnv, deps: HookDeps, user: User) -> Path:
