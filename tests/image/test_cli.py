@@ -64,11 +64,35 @@ def test_verify_exit_codes(image: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert [d["status"] for d in doc] == ["ok", "corrupt"] and doc[1]["exit_code"] == 4
 
 
-def test_verify_unreadable_permission(image: Path, tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    os.chmod(image, 0)
-    assert main(["verify", str(image)]) == 5
+@pytest.mark.multiuser
+def test_verify_unreadable_permission(image: Path) -> None:
+    if os.geteuid() != 0:
+        os.chmod(image, 0)
+        assert main(["verify", str(image)]) == 5
+        return
+    # Root reads any file: ask as an ordinary user instead, on an image they may not read.
+    import shutil
+    import sys
+    import tempfile
+
+    from tests.security.users import REPO, ensure_user, run_as
+
+    alice = ensure_user("alice")
+    shared = Path(tempfile.mkdtemp(prefix="hpcckpt-unreadable-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        locked = shared / "locked.hck"
+        shutil.copyfile(image, locked)
+        locked.chmod(0o600)  # root's, unreadable to alice
+        res = run_as(alice, [sys.executable, "-m", "hpcckpt", "verify", str(locked)], env={"PYTHONPATH": str(REPO)})
+        assert res.returncode == 5, res.stdout + res.stderr
+        assert "ermission" in res.stdout + res.stderr
+        # ... and the same bytes, readable, verify fine: the 5 was about access, not content.
+        locked.chmod(0o644)
+        ok = run_as(alice, [sys.executable, "-m", "hpcckpt", "verify", str(locked)], env={"PYTHONPATH": str(REPO)})
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_pack_unpack_commands(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
