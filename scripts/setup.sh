@@ -37,7 +37,7 @@ APT_PKGS=(
   build-essential pkg-config git python3 python3-venv python3-dev libcap2-bin xz-utils curl ca-certificates
   # CRIU build dependencies (bookworm)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev
-  libcap-dev libbsd-dev libaio-dev libgnutls28-dev libnftables-dev uuid-dev iproute2 nftables asciidoc-base
+  libcap-dev libbsd-dev libaio-dev libgnutls28-dev libnftables-dev uuid-dev iproute2 nftables
   # Slurm test cluster, MPI, PostgreSQL catalog
   slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev postgresql procps
 )
