@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
@@ -147,23 +147,6 @@ def supplementary_groups(user: User) -> list[int]:
     return sorted(set(groups), key=lambda g: (g != user.gid, g))
 
 
-def popen_credentials(user: User) -> dict[str, Any]:
-    """Keyword arguments that make ``subprocess.Popen`` run the child as ``user``.
-
-    Python sets the ids between fork and exec in C, which is safe in a
-    threaded parent (a ``preexec_fn`` is not). Only root may switch; for the
-    user themself this returns no switch at all.
-    """
-    if os.geteuid() == user.uid and os.getegid() == user.gid:
-        return {}
-    if os.geteuid() != 0:
-        raise PermissionDeniedError(
-            f"cannot run as {user.name} (uid {user.uid}) without root",
-            hint="only root can start a restore on behalf of another user",
-        )
-    return {"user": user.uid, "group": user.gid, "extra_groups": supplementary_groups(user)}
-
-
 def drop_privileges_to(user: User) -> None:
     """Irreversibly become ``user`` in this process: groups, gid, then uid, then verify.
 
@@ -198,14 +181,18 @@ def become(user: User) -> None:
     Used by ``hpcckpt resume --as-owner USER``: from here on the process can
     do exactly what USER can, so the restore runs with USER's credentials and
     the kernel, not only our checks, keeps root's power out of it. The
-    environment's identity variables follow, and root's runtime dir is
-    dropped so control sockets land in USER's own.
+    environment becomes USER's too (:func:`child_environment`, keeping the
+    job's HPCCKPT_* and SLURM_* context), so control sockets and any child
+    see USER's home, never root's runtime dir or credentials caches.
     """
     if os.geteuid() != 0:
         raise PermissionDeniedError("only root can act as another user", hint="run it as yourself")
     drop_privileges_to(user)
-    os.environ.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
-    os.environ.pop("XDG_RUNTIME_DIR", None)
+    # Nothing of root's environment goes on but the locale and the job's own context.
+    keep = {k: v for k, v in os.environ.items() if k.startswith(("HPCCKPT_", "SLURM_"))}
+    env = child_environment(user, keep)
+    os.environ.clear()
+    os.environ.update(env)
     hlog.event(_log, "security.became", f"running as {user.name} (uid {user.uid}) from here on",
                uid=user.uid)
 

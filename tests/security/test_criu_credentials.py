@@ -15,7 +15,7 @@ from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.conftest import CRIU
-from tests.security.users import UnixUser
+from tests.security.users import UnixUser, popen_credentials
 
 pytestmark = [pytest.mark.criu, pytest.mark.multiuser]
 
@@ -70,7 +70,7 @@ def _restore(images: Path, user: UnixUser, pidfile: Path) -> subprocess.Complete
         timeout=60,
         check=False,
         env=security.child_environment(u),
-        **security.popen_credentials(u),
+        **popen_credentials(u),
     )
 
 

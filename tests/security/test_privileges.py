@@ -14,7 +14,7 @@ from hpcckpt import security
 from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import PermissionDeniedError, UnsafeImageError
 from tests.security import pbcraft as pb
-from tests.security.users import UnixUser
+from tests.security.users import UnixUser, popen_credentials
 
 pytestmark = pytest.mark.multiuser
 
@@ -121,7 +121,7 @@ def test_popen_credentials_run_the_child_as_the_user(alice: UnixUser) -> None:
         text=True,
         check=True,
         env=security.child_environment(a),
-        **security.popen_credentials(a),
+        **popen_credentials(a),
     ).stdout.split("\n")
     assert out[0] == str(alice.uid) and out[1] == str(alice.gid)
     assert "0" not in out[2].split(), "root's group must not survive"

@@ -22,6 +22,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from hpcckpt.context import User
+from hpcckpt.errors import PermissionDeniedError
+from hpcckpt.security import supplementary_groups
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_USERS = ("alice", "bob")
@@ -150,3 +155,20 @@ def hpcckpt_as(
     argv = [str(venv_bin() / "python"), "-m", "hpcckpt", *args]
     extra = {"PYTHONPATH": str(REPO), **(env or {})}
     return run_as(user, argv, env=extra, cwd=cwd, timeout=timeout)
+
+
+def popen_credentials(user: User) -> dict[str, Any]:
+    """Keyword arguments that make ``subprocess.Popen`` run the child as ``user``.
+
+    Python sets the ids between fork and exec in C, which is safe in a
+    threaded parent (a ``preexec_fn`` is not). Only root may switch; for the
+    user themself this returns no switch at all.
+    """
+    if os.geteuid() == user.uid and os.getegid() == user.gid:
+        return {}
+    if os.geteuid() != 0:
+        raise PermissionDeniedError(
+            f"cannot run as {user.name} (uid {user.uid}) without root",
+            hint="only root can start a restore on behalf of another user",
+        )
+    return {"user": user.uid, "group": user.gid, "extra_groups": supplementary_groups(user)}
