@@ -53,17 +53,22 @@ install_packages() {
   local missing
   missing=$(missing_pkgs)
   if [ -z "$missing" ]; then log "system packages: present"; return; fi
-  log "installing system packages: $(echo $missing | tr '\n' ' ')"
+  log "installing system packages: ${missing//$'\n'/ }"
   # Package postinst scripts would start munge, slurmd and postgres with their
   # default configuration; the test suite starts its own, so keep them down.
   local prc=/usr/sbin/policy-rc.d had_prc=0
   [ -e $prc ] && had_prc=1
-  if [ $had_prc = 0 ]; then printf '#!/bin/sh\nexit 101\n' > $prc; chmod 755 $prc; fi
+  if [ $had_prc = 0 ]; then
+    printf '#!/bin/sh\nexit 101\n' > $prc; chmod 755 $prc
+    # Left behind by a failed install, it would stop every service on this
+    # machine from ever starting again.
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
-  [ $had_prc = 0 ] && rm -f $prc
+  if [ $had_prc = 0 ]; then rm -f $prc; trap - EXIT; fi
   log "system packages: installed"
 }
 
@@ -80,11 +85,18 @@ criu_ok() {  # criu_ok BINARY: passes `criu check` and is new enough
 # The Debian mirror this machine already uses, from its own apt sources.
 debian_mirror() {
   local uri
-  uri=$(grep -hs -A5 '^Types:.*deb' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-        | sed -n 's/^URIs: *//p' | tr ' ' '\n' | grep -v -- '-security' | grep -i debian | head -n1)
+  # deb822 stanzas, read whole: fields come in any order, and an inline
+  # Signed-By key block can put URIs many lines after Types.
+  uri=$(awk 'function flush() { if (types ~ /(^| )deb(-src)?( |$)/ && enabled != "no") print uris; types = uris = enabled = "" }
+             /^[ \t]*$/ { flush(); next }
+             /^Types:/ { sub(/^Types:[ \t]*/, ""); types = $0 }
+             /^URIs:/ { sub(/^URIs:[ \t]*/, ""); uris = $0 }
+             /^Enabled:/ { sub(/^Enabled:[ \t]*/, ""); enabled = tolower($0) }
+             END { flush() }' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | tr -s '[:blank:]' '\n' | grep -v -- '-security' | grep -i debian | head -n1 || true)
   if [ -z "$uri" ]; then
     uri=$(grep -hsE '^deb(-src)? ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-          | awk '{for(i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' | grep -v -- '-security' | head -n1)
+          | awk '{for(i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}' | grep -v -- '-security' | head -n1 || true)
   fi
   [ -n "$uri" ] || die "cannot find a Debian mirror in /etc/apt/sources.list*; add one and rerun"
   echo "${uri%/}"
@@ -101,14 +113,26 @@ build_criu() {
     local aopts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=-"
                  -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::Archives=$apt_dir/archives"
                  -o "APT::Sandbox::User=root")
-    apt-get "${aopts[@]}" update -qq
+    local out
+    if ! out=$(apt-get "${aopts[@]}" update -qq 2>&1); then
+      # Snapshot and frozen site mirrors serve a sid whose Release file is past
+      # its Valid-Until (7 days for sid); so does a node whose clock is off.
+      # apt still verifies the signature, and the version is checked below, so
+      # only the freshness check is waived, and only for this private list.
+      grep -q 'is expired' <<<"$out" \
+        || die "apt-get update of sid's sources on $mirror failed: $out"
+      log "warning: sid's Release file on $mirror has expired (a snapshot mirror, or a wrong clock);" \
+          "using it anyway, signature still checked"
+      aopts+=(-o "Acquire::Check-Valid-Until=false")
+      apt-get "${aopts[@]}" update -qq || die "apt-get update of sid's sources on $mirror failed"
+    fi
     # The Debian tarball has been seen to 404 while the orig tarball is there;
     # the orig tarball is all that is needed.
     (cd "$src" && apt-get "${aopts[@]}" source --download-only -qq criu) || true
     ls "$src"/criu_*.orig.tar.* >/dev/null 2>&1 || die "could not download CRIU's source from $mirror (sid)"
   fi
   local tarball ver tree
-  tarball=$(ls "$src"/criu_*.orig.tar.* | sort -V | tail -n1)
+  tarball=$(printf '%s\n' "$src"/criu_*.orig.tar.* | sort -V | tail -n1)
   ver=$(basename "$tarball" | sed -E 's/^criu_([0-9.]+)\.orig.*/\1/')
   version_ge "$ver" "$MIN_CRIU" || die "sid has CRIU $ver, older than $MIN_CRIU"
   tree="$src/criu-$ver"
@@ -132,7 +156,15 @@ setup_criu() {
     fi
   done
   build_criu
-  criu_ok /usr/local/sbin/criu || die "the built criu fails 'criu check' on kernel $(uname -r); see 'criu check -v4'"
+  if ! criu_ok /usr/local/sbin/criu; then
+    local why hint=""
+    why=$(/usr/local/sbin/criu check 2>&1 | grep -m3 'Error' | tr '\n' ' ' | sed 's/ *$//' || true)
+    # In a chroot (say, a diskless node image being built) whose root is not
+    # a mount point, criu cannot place the mounts it sees ("No parent found
+    # for mountpoint"); the same binary can pass on the booted node.
+    mountpoint -q / || hint="; / is not a mount point (a chroot?): bind-mount the chroot onto itself, or run 'criu check' on the booted node"
+    die "the built criu fails 'criu check' on kernel $(uname -r): ${why:-see 'criu check -v4'}$hint"
+  fi
   CRIU_BIN=/usr/local/sbin/criu
 }
 
@@ -147,13 +179,13 @@ setup_caps() {
 setup_venv() {
   [ $WANT_VENV = 1 ] || return 0
   local stamp="$VENV/.hpcckpt-stamp" sum
-  sum=$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS
+  sum=$(sha256sum <"$REPO/pyproject.toml" | cut -c1-16)-$EXTRAS
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && "$VENV/bin/python" -c 'import hpcckpt' 2>/dev/null; then
     log "virtualenv: $VENV up to date"; return
   fi
   [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$REPO[$EXTRAS]"
+  "$VENV/bin/pip" install -q -e "${REPO}[$EXTRAS]"
   echo "$sum" > "$stamp"
   log "virtualenv: $VENV ready"
 }
