@@ -127,9 +127,11 @@ build_criu() {
       apt-get "${aopts[@]}" update -qq || die "apt-get update of sid's sources on $mirror failed"
     fi
     # The Debian tarball has been seen to 404 while the orig tarball is there;
-    # the orig tarball is all that is needed.
-    (cd "$src" && apt-get "${aopts[@]}" source --download-only -qq criu) || true
-    ls "$src"/criu_*.orig.tar.* >/dev/null 2>&1 || die "could not download CRIU's source from $mirror (sid)"
+    # the orig tarball is all that is needed, so apt's errors only matter when
+    # it is missing.
+    local got
+    got=$(cd "$src" && apt-get "${aopts[@]}" source --download-only -qq criu 2>&1) || true
+    ls "$src"/criu_*.orig.tar.* >/dev/null 2>&1 || die "could not download CRIU's source from $mirror (sid): $got"
   fi
   local tarball ver tree
   tarball=$(printf '%s\n' "$src"/criu_*.orig.tar.* | sort -V | tail -n1)
