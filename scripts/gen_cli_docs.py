@@ -25,6 +25,25 @@ HEADER = """\
 Generated from the parser by `scripts/gen_cli_docs.py`; do not edit by hand.
 Every command also prints this with `--help`.
 
+## Environment
+
+| variable | what it sets |
+|---|---|
+| `HPCCKPT_STORE` | the store root (else `--store`, the policy's `storage.root`, `~/.local/share/hpcckpt/store`) |
+| `HPCCKPT_CATALOG` | the catalog: a SQLite path or `postgresql://...` (default: `STORE/USER/catalog.sqlite`) |
+| `HPCCKPT_POLICY` | your policy file (like `--policy`) |
+| `HPCCKPT_SITE_POLICY` | the site policy (default `/etc/hpcckpt/policy.yaml`) |
+| `HPCCKPT_CRIU` | the criu binary to use (default: looked up on PATH, `/usr/local/sbin`, `/usr/sbin`) |
+| `HPCCKPT_STAGING` | node-local disk staging (like policy `storage.staging`) |
+| `HPCCKPT_LOG_FORMAT` | `json`, `human` or `auto` (JSON lines when stderr is not a terminal) |
+| `HPCCKPT_LOG_LEVEL` | `DEBUG`, `INFO` (default), `WARNING`, `ERROR` |
+| `HPCCKPT_PROGRESS` | `always`, `never` or `auto` (a progress line on stderr at a terminal) |
+| `HPCCKPT_RESUME_FROM` | set by `resume --submit`: the job whose latest image `hpcckpt run` restores |
+
+Set by `hpcckpt run` for the job: `HPCCKPT_JOB_ID`, `HPCCKPT_STORE`,
+`HPCCKPT_CKPT_INTERVAL`; by `run --engine app` at a restart: `HPCCKPT_RESTART=1`
+and `HPCCKPT_CKPTID`.
+
 ## Exit codes
 
 """

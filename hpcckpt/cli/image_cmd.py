@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from hpcckpt.cli.common import add_json_arg, print_json
 from hpcckpt.context import current_user
@@ -14,6 +14,7 @@ from hpcckpt.errors import EXIT_OK, UsageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image
 from hpcckpt.image import format as F
 from hpcckpt.image.output import write_image_file
+from hpcckpt.progress import CountingWriter, terminal_progress
 
 HELP = """\
 Pack a directory (a CRIU dump, application files) into one hpcckpt image,
@@ -102,7 +103,12 @@ def run_pack(args: argparse.Namespace) -> int:
     )
 
     def write(out: BinaryIO) -> PackStats:
-        return pack_dir(Path(args.dir), out, meta, codec=args.codec, level=args.level, chunk_size=args.chunk_size)
+        with terminal_progress("pack") as meter:
+            if meter is not None:
+                meter.start(args.out, 0)  # the output's size is known only at the end
+                out = cast(BinaryIO, CountingWriter(out, meter))
+            return pack_dir(Path(args.dir), out, meta, codec=args.codec, level=args.level,
+                            chunk_size=args.chunk_size)
 
     if args.out == "-":
         if sys.stdout.isatty():
@@ -124,7 +130,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_unpack(args: argparse.Namespace) -> int:
     src: Path | BinaryIO = sys.stdin.buffer if args.image == "-" else Path(args.image)
-    summary = unpack_image(src, Path(args.dir))
+    with terminal_progress("unpack"):
+        summary = unpack_image(src, Path(args.dir))
     if args.json:
         print_json(summary.to_dict())
     else:

@@ -9,6 +9,7 @@ from typing import Any
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.image.check import check_images
+from hpcckpt.progress import terminal_progress
 
 HELP = """\
 Read every byte of each image and check it: magic, version, every record's
@@ -44,7 +45,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results, code = check_images(args.images, current_user(), args.store, args.catalog, args.policy)
+    with terminal_progress("verify"):
+        results, code = check_images(args.images, current_user(), args.store, args.catalog, args.policy)
     if args.json:
         print_json([r.to_dict() for r in results])
     else:

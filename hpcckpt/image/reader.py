@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 import xxhash
 
+from hpcckpt import progress
 from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
@@ -76,8 +77,14 @@ def open_source(src: Path | str | BinaryIO) -> Iterator[tuple[Readable, str]]:
             raise UnreadableImageError(
                 f"{name}: cannot open: {exc.strerror}", hint="check the file's permissions"
             ) from exc
+        meter = progress.current()
         try:
-            yield cast(Readable, f), name
+            if meter is None:
+                yield cast(Readable, f), name
+            else:
+                meter.start(os.path.basename(name), os.fstat(f.fileno()).st_size)
+                yield cast(Readable, progress.CountingReader(f, meter)), name
+                meter.finish()
         finally:
             f.close()
     else:

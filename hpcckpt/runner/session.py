@@ -46,6 +46,7 @@ from hpcckpt.pipeline.flush import FlushSettings, Publisher, StorePublisher
 from hpcckpt.pipeline.predump import PreDumpPlan, plan_predump
 from hpcckpt.policy import Policy, load_policy
 from hpcckpt.policy.daly import choose_interval
+from hpcckpt.progress import terminal_progress
 from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
 from hpcckpt.runner.control import ControlServer
@@ -286,7 +287,8 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
     set_child_subreaper()
     signals = _signal_queue(env, opts)
     try:
-        restored = _resumer(env).resume(job_id, ckptid)
+        with terminal_progress("restore"):
+            restored = _resumer(env).resume(job_id, ckptid)
         meta = restored.summary.meta
         ident = JobIdentity(job_id, "cli", meta.requeue_count, meta.array_job_id, meta.array_task_id, meta.step)
         for line in restored.fallbacks:
