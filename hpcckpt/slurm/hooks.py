@@ -609,6 +609,10 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
     return HOOK_OK
 
 
+# A job in one of these states has come back already: nothing to requeue or adjust.
+_BACK_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING"})
+
+
 def _apply(deps: HookDeps, job_id: str, decision: RestartDecision) -> None:
     apply_decision(deps, job_id, decision)
 
@@ -620,14 +624,19 @@ def apply_decision(deps: HookDeps, job_id: str, decision: RestartDecision) -> bo
             if decision.action is Action.STOP:
                 deps.slurm.cancel(job_id)
             else:
-                if decision.action is Action.REQUEUE:
-                    state = _base_state(deps.slurm.show_job(job_id).get("JobState", ""))
-                    if state == "COMPLETING":
-                        # Slurm is still ending it, and may requeue it itself (RequeueExit=85):
-                        # a StartTime set now would be overwritten by that requeue's ~120 s hold.
-                        raise SlurmError(f"job {job_id} is still completing")
-                    if state not in ("PENDING", "REQUEUED"):
-                        deps.slurm.requeue(job_id)
+                state = _base_state(deps.slurm.show_job(job_id).get("JobState", ""))
+                if state == "COMPLETING":
+                    # Slurm is still ending it, and may requeue it itself (RequeueExit=85):
+                    # a StartTime set now would be overwritten by that requeue's ~120 s hold.
+                    raise SlurmError(f"job {job_id} is still completing")
+                if state in _BACK_STATES:
+                    # Already running again (Slurm's own requeue was quick): another requeue
+                    # now would kill the new run, and its StartTime can no longer change.
+                    _event("slurm.restart.applied", f"job {job_id} is already {state}; nothing to do",
+                           job_id=job_id)
+                    return True
+                if decision.action is Action.REQUEUE and state not in ("PENDING", "REQUEUED"):
+                    deps.slurm.requeue(job_id)
                 fields: dict[str, str] = {}
                 if decision.exclude:
                     fields["ExcNodeList"] = ",".join(decision.exclude)

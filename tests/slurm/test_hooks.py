@@ -204,3 +204,20 @@ def test_submit_resume_uses_saved_settings_and_records_lineage(tmp_path: Path, u
     assert rec is not None and rec.new_job_id == new
     assert cat.job_events(JOB, uid=user.uid)[-1]["event"] == "resubmitted"
     cat.close()
+
+
+def test_restart_never_requeues_a_run_that_has_already_started(tmp_path: Path, user: User,
+                                                               fake: FakeSlurm) -> None:
+    """Exit 85 + RequeueExit: Slurm may requeue and start the job again before the decision is applied.
+
+    Requeueing then would kill the new run (seen on the real cluster: SIGTERM one second after the restart).
+    """
+    from hpcckpt.slurm.restart_policy import Action, Kind, RestartDecision
+
+    fake.jobs[JOB]["JobState"] = "RUNNING"  # the next run, already going
+    decision = RestartDecision(Action.REQUEUE, Kind.VOLUNTARY, "exit 85", 0, [])
+    assert hooks.apply_decision(deps_for(tmp_path, fake), JOB, decision) is True
+    assert fake.calls == [], "no requeue and no update of a job that runs again"
+    fake.jobs[JOB]["JobState"] = "FAILED"  # not back yet: then it is requeued and released
+    assert hooks.apply_decision(deps_for(tmp_path, fake), JOB, decision) is True
+    assert fake.calls == [("requeue", JOB), ("update", JOB, "StartTime=now")]
