@@ -22,15 +22,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TextIO
 
+from hpcckpt.humanize import human_size
+
 _current: ContextVar[Meter | None] = ContextVar("hpcckpt_progress", default=None)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Meter:
@@ -65,10 +59,10 @@ class Meter:
     def _draw(self, now: float, end: str) -> None:
         rate = self.done / max(now - self._t0, 1e-6)
         if self.total:
-            amount = f"{100 * self.done / self.total:3.0f}% {_human(self.done)} of {_human(self.total)}"
+            amount = f"{100 * self.done / self.total:3.0f}% {human_size(self.done)} of {human_size(self.total)}"
         else:  # a size known only at the end, such as an image being written
-            amount = _human(self.done)
-        line = f"{self.label} {self.name}: {amount}, {_human(rate)}/s"
+            amount = human_size(self.done)
+        line = f"{self.label} {self.name}: {amount}, {human_size(rate)}/s"
         self.stream.write("\r\x1b[K" + line + end)
         self.stream.flush()
 

@@ -11,6 +11,7 @@ from hpcckpt.catalog import CkptRecord
 from hpcckpt.catalog.access import has_catalog, load_setup, opened, shared_catalog, target_users
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
+from hpcckpt.humanize import human_size
 
 HELP = """\
 List checkpoints, oldest first: their id, job, state (writing, committed,
@@ -53,16 +54,6 @@ def collect(args: argparse.Namespace) -> list[CkptRecord]:
         with opened(setup, user) as (cat, _):
             rows.extend(cat.list(args.job_id, uid=user.uid, include_deleted=args.all))
     return sorted(rows, key=lambda r: r.ckptid)
-
-
-def human_size(nbytes: int) -> str:
-    """Approximate, for reading at a glance (policy.units.format_size is exact, for configs)."""
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{nbytes} B"
 
 
 def _when(ts: float | None) -> str:

@@ -6,15 +6,8 @@ import stat
 import time
 from collections.abc import Iterator
 
+from hpcckpt.humanize import human_size
 from hpcckpt.image.model import ImageSummary, TaskInfo
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _when(t: float) -> str:
