@@ -439,8 +439,6 @@ def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageRepor
                 elif name.startswith(fsutil.TEMP_PREFIX + "ckpt-") or ckptid is None:
                     os.unlink(name, dir_fd=dir_fd)
                     report.removed.append(name)
-            if deps.staging_root is not None:
-                _salvage_staged(env, deps, user, cat, rows, dir_fd, path, report)
     finally:
         if dir_fd >= 0:
             os.close(dir_fd)
@@ -448,47 +446,6 @@ def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageRepor
         cat.fail(ckptid, "the job ended before this checkpoint was fully written; removed by the Slurm epilog")
         report.failed.append(ckptid)
     return report
-
-
-def _salvage_staged(env: SlurmEnv, deps: HookDeps, user: User, cat: Any, rows: dict[int, Any], store_fd: int,
-                    store_path: Path, report: SalvageReport) -> None:
-    """Copy complete images still waiting in staging (async flush) into the store, then commit them."""
-    assert deps.staging_root is not None
-    spath = staging_dir(deps.staging_root, user, env.job_id)
-    try:
-        sfd = fsutil.open_private_dir(spath, user.uid, user.gid, base=deps.staging_root, create=False)
-    except FileNotFoundError:
-        return
-    try:
-        for name, st in list(fsutil.iter_dir_nofollow(sfd)):
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (user.uid, 0) or not rows:
-                continue
-            ckptid = _verified_ckptid(sfd, name)
-            if ckptid is None or ckptid not in rows:
-                continue
-            final = image_name(ckptid)
-            tmp = fsutil.temp_name(final)
-            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
-            try:
-                dst = fsutil.open_private_file_at(store_fd, tmp, user.uid, user.gid)
-                try:
-                    while os.sendfile(dst, src, None, 1 << 24) > 0:
-                        pass
-                    os.fsync(dst)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-            os.rename(tmp, final, src_dir_fd=store_fd, dst_dir_fd=store_fd)
-            os.fsync(store_fd)
-            rec = rows.pop(ckptid)
-            cat.commit(ckptid, path=str(store_path / final), size_bytes=st.st_size,
-                       duration=max(0.0, deps.clock() - float(rec.created or 0)))
-            report.committed.append(ckptid)
-            _event("slurm.epilog.salvaged", f"job {env.job_id}: flushed staged checkpoint {ckptid} to the store",
-                   job_id=env.job_id, ckptid=ckptid)
-    finally:
-        os.close(sfd)
 
 
 def _rmtree_at(parent_fd: int, name: str) -> None:

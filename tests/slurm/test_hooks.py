@@ -103,23 +103,20 @@ def test_epilog_salvages_a_complete_publish_and_aborts_a_partial_one(
     full = cat.begin(job_id=JOB, uid=user.uid, user=user.name, node="node1", engine="files")
     part = cat.begin(job_id=JOB, uid=user.uid, user=user.name, node="node1", engine="files")
     renamed = cat.begin(job_id=JOB, uid=user.uid, user=user.name, node="node1", engine="files")
-    staged = cat.begin(job_id=JOB, uid=user.uid, user=user.name, node="node1", engine="files")
     jdir = tmp_path / "store" / user.name / JOB
     sdir = tmp_path / "staging" / user.name / JOB
     (jdir / f".tmp-ckpt-{full}.hck.1.aa").write_bytes(image_bytes(tmp_path, full))
     (jdir / f".tmp-ckpt-{part}.hck.1.bb").write_bytes(image_bytes(tmp_path, part)[:-100])
     (jdir / f"ckpt-{renamed}.hck").write_bytes(image_bytes(tmp_path, renamed))
-    (sdir / f"ckpt-{staged}.hck").write_bytes(image_bytes(tmp_path, staged))
 
     assert hooks.epilog(env_for(user), deps) == 0
 
     rows = {r.ckptid: r for r in cat.list(JOB, uid=user.uid)}
     assert rows[full].status == Status.COMMITTED and Path(rows[full].path) == jdir / f"ckpt-{full}.hck"
     assert rows[renamed].status == Status.COMMITTED
-    assert rows[staged].status == Status.COMMITTED and (jdir / f"ckpt-{staged}.hck").exists()
     assert rows[part].status == Status.FAILED and "before this checkpoint was fully written" in rows[part].error
     assert sorted(p.name for p in jdir.iterdir()) == sorted(
-        [hooks.JOB_INFO_FILE, f"ckpt-{full}.hck", f"ckpt-{renamed}.hck", f"ckpt-{staged}.hck"]
+        [hooks.JOB_INFO_FILE, f"ckpt-{full}.hck", f"ckpt-{renamed}.hck"]
     )
     assert not sdir.exists()
     assert cat.latest(JOB, uid=user.uid) is not None
