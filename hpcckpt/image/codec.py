@@ -7,6 +7,8 @@ zstd frame that declares another size is refused before it is decoded.
 
 from __future__ import annotations
 
+import threading
+
 import lz4.block
 import zstandard
 
@@ -88,7 +90,16 @@ class Compressor:
         return self.codec_id, out
 
 
-_ZSTD_D = zstandard.ZstdDecompressor()
+# A ZstdDecompressor holds one decoding context and must not be used by two threads at once; a
+# streamed restore decodes on one thread per restored process.
+_local = threading.local()
+
+
+def _zstd_d() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd_d", None)
+    if d is None:
+        d = _local.zstd_d = zstandard.ZstdDecompressor()
+    return d
 
 
 def decompress(codec_id: int, stored: memoryview, raw_len: int) -> bytes | memoryview:
@@ -104,7 +115,7 @@ def decompress(codec_id: int, stored: memoryview, raw_len: int) -> bytes | memor
             declared = zstandard.frame_content_size(stored)
             if declared != raw_len:
                 raise CodecError(f"zstd frame declares {declared} bytes, record says {raw_len}")
-            out = _ZSTD_D.decompress(stored, max_output_size=raw_len)
+            out = _zstd_d().decompress(stored, max_output_size=raw_len)
         elif codec_id == F.C_LZ4:
             out = lz4.block.decompress(stored, uncompressed_size=raw_len)
         else:

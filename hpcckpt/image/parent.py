@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import xxhash
-
 from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
-from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.fetch import ChunkBuffer, read_chunk
 from hpcckpt.image.model import ImageMeta
 from hpcckpt.image.records import Readable, RecordReader, record_checksum
 
@@ -182,10 +181,12 @@ def _scan(f: BinaryIO, name: str) -> tuple[ImageMeta, Iterator[_Scanned]]:
 
 
 def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Scanned]:
+    # pread of the few bytes each record needs: a buffered reader would pull a whole buffer
+    # per chunk it seeks over, which on a cold cache reads a good part of the image.
+    fd = f.fileno()
     section = ""
     while True:
-        f.seek(offset)
-        head = f.read(F.RECORD_HEADER.size)
+        head = os.pread(fd, F.RECORD_HEADER.size, offset)
         if len(head) != F.RECORD_HEADER.size:
             raise CorruptImageError("truncated record header", path=name, offset=offset, record=index)
         rtype, _flags, length, checksum = F.RECORD_HEADER.unpack(head)
@@ -194,8 +195,9 @@ def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Sca
                                     offset=offset, record=index)
         if rtype == F.T_TRAILER:
             return
+        body = offset + F.RECORD_HEADER.size
         if rtype in (F.T_SECTION_BEGIN, F.T_CHUNK_REF):
-            payload = f.read(length)  # small records: check them whole
+            payload = os.pread(fd, length, body)  # small records: check them whole
             if len(payload) != length or record_checksum(index, head[:8], [payload]) != checksum:
                 raise CorruptImageError("checksum mismatch", path=name, offset=offset, record=index,
                                         rtype=F.type_name(rtype))
@@ -205,11 +207,11 @@ def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Sca
                 _, _, ckptid, off, raw_len, digest = F.CHUNK_REF.unpack(payload)
                 yield _Scanned(section, off, raw_len, digest, ckptid, offset, index)
         elif rtype == F.T_CHUNK and length >= F.CHUNK.size:
-            fixed = f.read(F.CHUNK.size)
+            fixed = os.pread(fd, F.CHUNK.size, body)
             if len(fixed) == F.CHUNK.size:
                 _, _, _, _, off, raw_len, digest = F.CHUNK.unpack(fixed)
                 yield _Scanned(section, off, raw_len, digest, None, offset, index)
-        offset += F.RECORD_HEADER.size + length
+        offset = body + length
         index += 1
 
 
@@ -245,32 +247,22 @@ class _Image:
             self.close()
             raise
 
-    def read(self, digest: bytes, length: int, child_name: str) -> bytes | memoryview:
+    def location(self, digest: bytes, length: int, child_name: str) -> tuple[int, int]:
+        """(record offset, record index) of the stored chunk, or CorruptImageError when it is not here."""
         where = self.stored.get((digest, length))
         if where is None:
             raise CorruptImageError(
                 f"does not store the chunk ({length} bytes, hash {digest.hex()}) that {child_name} refers to",
                 path=self.name, hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)",
             )
-        rec_offset, rec_index = where
-        self.f.seek(rec_offset)
-        head = self.f.read(F.RECORD_HEADER.size)
-        rtype, _flags, plen, checksum = F.RECORD_HEADER.unpack(head)
-        payload = self.f.read(plen)
-        bad = len(payload) != plen or record_checksum(rec_index, head[:8], [payload]) != checksum
-        if bad or rtype != F.T_CHUNK:
-            raise CorruptImageError("checksum mismatch in a referenced chunk", path=self.name,
-                                    offset=rec_offset, record=rec_index, rtype="chunk")
-        _, codec, _, _, _, raw_len, stored_digest = F.CHUNK.unpack_from(payload)
-        try:
-            raw = decompress(codec, memoryview(payload)[F.CHUNK.size :], raw_len)
-        except CodecError as exc:
-            raise CorruptImageError(str(exc), path=self.name, offset=rec_offset, record=rec_index,
-                                    rtype="chunk") from exc
-        if raw_len != length or stored_digest != digest or xxhash.xxh3_128_digest(raw) != digest:
-            raise CorruptImageError("referenced chunk content hash mismatch", path=self.name,
-                                    offset=rec_offset, record=rec_index, rtype="chunk")
-        return raw
+        return where
+
+    def read(self, digest: bytes, length: int, child_name: str, buf: ChunkBuffer | None = None
+             ) -> bytes | memoryview:
+        """The chunk's bytes, checked; pread on the raw descriptor, so threads may share this image."""
+        rec_offset, rec_index = self.location(digest, length, child_name)
+        return read_chunk(self.f.fileno(), self.name, rec_offset, rec_index, digest, length, buf,
+                          what="referenced chunk")
 
     def close(self) -> None:
         self._ctx.__exit__(None, None, None)
@@ -286,6 +278,7 @@ class ChunkSource:
         self._child_name = child_name
         self._verify_whole = verify_whole
         self._open: dict[int, _Image] = {}
+        self._lock = threading.Lock()
         # shared along a chain, so each image is verified once however many children refer to it
         self._verified: dict[int, set[ChunkKey]] = {} if verified is None else verified
         self.parents: set[int] = set()
@@ -320,10 +313,33 @@ class ChunkSource:
                     hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)",
                 )
             return None
-        img = self._open.get(ckptid)
-        if img is None:
-            img = self._open[ckptid] = _Image(ckptid, self._path(ckptid), self._child, self._child_name)
-        return img.read(digest, length, self._child_name)
+        return self._image(ckptid).read(digest, length, self._child_name)
+
+    def _image(self, ckptid: int) -> _Image:
+        with self._lock:
+            img = self._open.get(ckptid)
+            if img is None:
+                img = self._open[ckptid] = _Image(ckptid, self._path(ckptid), self._child, self._child_name)
+            return img
+
+    def check(self, ckptid: int, digest: bytes, length: int) -> None:
+        """That image ``ckptid`` stores the chunk, from its index alone (a streamed restore's first pass)."""
+        self.parents.add(ckptid)
+        self.ref_bytes += length
+        self._image(ckptid).location(digest, length, self._child_name)
+
+    def advise(self, ckptid: int, digest: bytes, length: int) -> None:
+        """Ask the kernel to start reading a chunk that will be fetched soon."""
+        img = self._image(ckptid)
+        where = img.stored.get((digest, length))
+        if where is not None:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(img.f.fileno(), where[0], length + 4096, os.POSIX_FADV_WILLNEED)
+
+    def fetch(self, ckptid: int, digest: bytes, length: int, buf: ChunkBuffer | None = None
+              ) -> bytes | memoryview:
+        """The chunk's bytes, checked, into ``buf``; safe to call from several threads."""
+        return self._image(ckptid).read(digest, length, self._child_name, buf)
 
     def _verify(self, ckptid: int) -> set[ChunkKey]:
         """Verify the whole referenced image (and its own chain); its stored chunk keys."""
