@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 
 import xxhash
 
@@ -25,6 +25,7 @@ from hpcckpt import progress
 from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.model import (
     FieldError,
     ImageMeta,
@@ -51,6 +52,21 @@ class Sink(Protocol):
     def end(self) -> None: ...
 
 
+@runtime_checkable
+class DeferringSink(Sink, Protocol):
+    """A sink that takes some sections' chunks as locations, to fetch and check them later itself.
+
+    For such a section the walker reads no chunk data: each chunk's
+    :class:`ChunkAt` goes to :meth:`later`, and the parents' indexes are
+    checked to hold every referenced chunk. Everything else (structure,
+    small records, the trailer digest over every record header) is checked
+    as in a full walk.
+    """
+
+    def defer(self, info: SectionInfo) -> bool: ...
+    def later(self, chunk: ChunkAt) -> None: ...
+
+
 class NullSink:
     def begin(self, info: SectionInfo, mtime_ns: int) -> None:
         pass
@@ -63,12 +79,12 @@ class NullSink:
 
 
 @contextmanager
-def open_source(src: Path | str | BinaryIO) -> Iterator[tuple[Readable, str]]:
+def open_source(src: Path | str | BinaryIO, buffering: int = _READ_BUFFER) -> Iterator[tuple[Readable, str]]:
     """(stream, name for messages) for a path or an already open binary stream."""
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         try:
-            f = open(name, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed below
+            f = open(name, "rb", buffering=buffering)  # noqa: SIM115 - closed below
         except FileNotFoundError as exc:
             raise UnreadableImageError(f"{name}: no such image file", hint="check the path") from exc
         except IsADirectoryError as exc:
@@ -157,6 +173,9 @@ class _Walker:
         self.cur: SectionInfo | None = None
         self.offset = 0
         self.chunks = 0
+        self.deferring = False  # the current section's chunks go to the sink as locations
+        # isinstance() against a runtime-checkable protocol is slow: once per walk, not per record
+        self.deferrer = sink if isinstance(sink, DeferringSink) else None
 
     def record(self, rec: Record) -> None:
         t = rec.rtype
@@ -221,6 +240,8 @@ class _Walker:
         self.offset = 0
         self.chunks = 0
         self.sink.begin(self.cur, mtime_ns)
+        self.deferring = self.deferrer is not None and self.deferrer.defer(self.cur)
+        self.r.skip_chunk_data = self.deferring
 
     def _claim(self, name: str, kind: int, rec: Record) -> None:
         # A name used twice, or a file where another name needs a directory, would
@@ -260,8 +281,11 @@ class _Walker:
             raise self.r.corrupt(f"chunk ref to checkpoint {ckptid} from checkpoint {self.ckptid}", rec=rec)
         self._place(rec, cur, offset, raw_len)
         digest = bytes(digest)
-        raw = self.refs.get(ckptid, digest, raw_len)
-        if raw is not None:
+        if self.deferring:
+            assert self.deferrer is not None
+            self.refs.check(ckptid, digest, raw_len)
+            self.deferrer.later(ChunkAt(offset, raw_len, digest, ref=ckptid))
+        elif (raw := self.refs.get(ckptid, digest, raw_len)) is not None:
             self.sink.data(offset, raw)
         self.offset += raw_len
         self.chunks += 1
@@ -277,6 +301,14 @@ class _Walker:
         if num != len(self.sections) or r1 or r2 or codec not in F.CODEC_NAMES:
             raise self.r.corrupt(f"chunk header invalid (section {num}, codec {codec})", rec=rec)
         self._place(rec, cur, offset, raw_len)
+        if rec.skipped:
+            assert self.deferrer is not None
+            self.deferrer.later(ChunkAt(offset, raw_len, bytes(digest), rec_offset=rec.offset, rec_index=rec.index,
+                                    checksum=rec.checksum))
+            self.offset += raw_len
+            self.chunks += 1
+            cur.stored += rec.skipped
+            return
         stored = p[F.CHUNK.size :]
         try:
             raw = decompress(codec, stored, raw_len)
@@ -306,6 +338,7 @@ class _Walker:
         self.sink.end()
         self.sections.append(cur)
         self.cur = None
+        self.deferring = self.r.skip_chunk_data = False
 
 
 def _parse_error(r: RecordReader, rec: Record) -> str:
@@ -321,9 +354,13 @@ def _parse_error(r: RecordReader, rec: Record) -> str:
 
 def _walk(
     src: Path | str | BinaryIO, sink: Sink, resolve_parent: ResolveParent | None, *, verify_whole: bool,
-    verified: dict[int, set[ChunkKey]] | None = None,
+    verified: dict[int, set[ChunkKey]] | None = None, keep: list[ChunkSource] | None = None,
 ) -> tuple[ImageSummary, set[ChunkKey]]:
-    with open_source(src) as (stream, name):
+    """The one walk. With ``keep``, the parents stay open (appended there) for the caller to fetch from."""
+    # A sink that defers sections needs to seek over their data: read unbuffered, or a buffered
+    # reader would pull in much of what is skipped.
+    unbuffered = isinstance(sink, DeferringSink)
+    with open_source(src, buffering=0 if unbuffered else _READ_BUFFER) as (stream, name):
         r = RecordReader(stream, name)
         r.read_preamble()
         records = iter(r)
@@ -336,8 +373,13 @@ def _walk(
         try:
             for rec in records:
                 w.record(rec)
-        finally:
+        except BaseException:
             refs.close()
+            raise
+        if keep is None:
+            refs.close()
+        else:
+            keep.append(refs)
         if w.cur is not None:
             raise CorruptImageError(
                 f"trailer inside section {w.cur.name!r}", path=name, offset=r.offset, record=r.records - 1,
@@ -354,6 +396,15 @@ def _walk(
 def walk(src: Path | str | BinaryIO, sink: Sink, resolve_parent: ResolveParent | None = None) -> ImageSummary:
     """Parse and check a whole image, feeding its content (refs resolved) to ``sink``."""
     return _walk(src, sink, resolve_parent, verify_whole=False)[0]
+
+
+def walk_deferred(
+    src: Path | str, sink: DeferringSink, resolve_parent: ResolveParent | None
+) -> tuple[ImageSummary, ChunkSource]:
+    """:func:`walk` for a sink that defers sections; the parents stay open for fetching (close them)."""
+    keep: list[ChunkSource] = []
+    summary = _walk(src, sink, resolve_parent, verify_whole=False, keep=keep)[0]
+    return summary, keep[0]
 
 
 def verify_image(src: Path | str | BinaryIO, resolve_parent: ResolveParent | None = None) -> ImageSummary:

@@ -8,6 +8,7 @@ whose checksum, flags and type it has accepted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -101,6 +102,11 @@ class Record:
     rtype: int
     flags: int
     payload: memoryview  # valid only until the next record is read
+    # A chunk whose data the reader skipped (``RecordReader.skip_chunk_data``): ``payload`` is only
+    # the fixed CHUNK part, unchecked, and ``skipped`` bytes follow it. The header's ``checksum``
+    # is covered by the trailer digest; whoever fetches the data later must check it.
+    skipped: int = 0
+    checksum: int = 0
 
     @property
     def name(self) -> str:
@@ -126,6 +132,9 @@ class RecordReader:
         self.digest = ""
         self.version = (0, 0)
         self._digest_before_trailer = b""
+        # Set by a walker for sections whose data it fetches later (a streamed restore): chunk
+        # payloads are then seeked over, not read. Needs a seekable source.
+        self.skip_chunk_data = False
 
     def corrupt(self, msg: str, *, offset: int | None = None, rec: Record | None = None) -> CorruptImageError:
         if rec is not None:
@@ -160,6 +169,17 @@ class RecordReader:
         self.offset += n
         return view
 
+    def _skip(self, n: int) -> None:
+        # A file that ends early is caught at the next record header, or by the trailer's length.
+        seek = getattr(self._src, "seek", None)
+        if seek is None:
+            raise TypeError("skipping chunk data needs a seekable image source")
+        try:
+            seek(n, os.SEEK_CUR)
+        except OSError as exc:
+            raise UnreadableImageError(f"{self.path}: cannot seek at offset {self.offset}: {exc}") from exc
+        self.offset += n
+
     def read_preamble(self) -> tuple[int, int]:
         raw = bytes(self._read_exact(F.PREAMBLE.size, "preamble"))
         magic, major, minor, check = F.PREAMBLE.unpack(raw)
@@ -192,13 +212,19 @@ class RecordReader:
                 f"record length {length} exceeds the maximum {F.MAX_PAYLOAD}",
                 path=self.path, offset=start + 4, record=index, rtype=F.type_name(rtype),
             )
-        payload = self._read_exact(length, f"payload of record {index}", index)
-        if record_checksum(index, head_bytes[: F.RECORD_HEADER_CHECKED], [payload]) != checksum:
-            raise CorruptImageError(
-                f"checksum mismatch over {length} payload bytes",
-                path=self.path, offset=start, record=index, rtype=F.type_name(rtype),
-            )
-        rec = Record(index, start, rtype, flags, payload)
+        skipped = 0
+        if self.skip_chunk_data and rtype == F.T_CHUNK and length > F.CHUNK.size:
+            payload = self._read_exact(F.CHUNK.size, f"payload of record {index}", index)
+            skipped = length - F.CHUNK.size
+            self._skip(skipped)
+        else:
+            payload = self._read_exact(length, f"payload of record {index}", index)
+            if record_checksum(index, head_bytes[: F.RECORD_HEADER_CHECKED], [payload]) != checksum:
+                raise CorruptImageError(
+                    f"checksum mismatch over {length} payload bytes",
+                    path=self.path, offset=start, record=index, rtype=F.type_name(rtype),
+                )
+        rec = Record(index, start, rtype, flags, payload, skipped, checksum)
         if flags & ~F.RF_KNOWN:
             raise self.corrupt(f"reserved flag bits set (flags {flags:#06x})", rec=rec, offset=start + 2)
         if rtype == F.T_TRAILER:

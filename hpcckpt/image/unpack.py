@@ -33,9 +33,10 @@ from typing import BinaryIO
 from hpcckpt import log as hlog
 from hpcckpt.errors import ImageError, StoreError, UnsafePathError
 from hpcckpt.image import format as F
+from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.model import ImageSummary, SectionInfo
-from hpcckpt.image.parent import ResolveParent
-from hpcckpt.image.reader import walk
+from hpcckpt.image.parent import ChunkSource, ResolveParent
+from hpcckpt.image.reader import walk, walk_deferred
 
 _log = hlog.get("image")
 
@@ -123,8 +124,12 @@ OnVerified = Mapping[str, Callable[[bytes], None]]
 class _FileSink:
     """Writes sections below the staging directory's fd, through a writer thread."""
 
-    def __init__(self, root_fd: int, on_verified: OnVerified | None = None) -> None:
+    def __init__(self, root_fd: int, on_verified: OnVerified | None = None,
+                 defer: Callable[[SectionInfo], bool] | None = None) -> None:
         self.on_verified = on_verified or {}
+        self._defer = defer
+        self.deferred: dict[str, tuple[SectionInfo, list[ChunkAt]]] = {}  # name -> (section, its chunks)
+        self._later: list[ChunkAt] | None = None
         self.early: bytearray | None = None  # the current section's bytes, when a callback wants them
         self.root_fd = root_fd
         self.dir_fds: dict[str, int] = {"": root_fd}
@@ -148,7 +153,21 @@ class _FileSink:
         self.dir_fds[rel] = fd
         return fd
 
+    def defer(self, info: SectionInfo) -> bool:
+        """Whether the section begun last is left out of the directory, to be streamed later."""
+        return self._later is not None
+
+    def later(self, chunk: ChunkAt) -> None:
+        assert self._later is not None
+        self._later.append(chunk)
+
     def begin(self, info: SectionInfo, mtime_ns: int) -> None:
+        if self._defer is not None and info.kind == "file" and self._defer(info):
+            self._later = []
+            self.deferred[info.name] = (info, self._later)
+            self.info = info
+            return
+        self._later = None
         parent, _, base = info.name.rpartition("/")
         pfd = self._dir(parent)
         self.info = info
@@ -258,6 +277,41 @@ def unpack_image(
     *,
     on_verified: OnVerified | None = None,
 ) -> ImageSummary:
+    return _unpack(src, dest, resolve_parent, on_verified=on_verified)[0]
+
+
+Deferred = dict[str, tuple[SectionInfo, list[ChunkAt]]]
+
+
+def unpack_deferring(
+    src: Path | str,
+    dest: Path | str,
+    resolve_parent: ResolveParent | None,
+    defer: Callable[[SectionInfo], bool],
+    *,
+    on_verified: OnVerified | None = None,
+) -> tuple[ImageSummary, Deferred, ChunkSource]:
+    """:func:`unpack_image`, except the sections ``defer`` picks: those are checked for structure only.
+
+    Returns the summary, each deferred section's chunk locations, and the
+    image's parents, open, to fetch referenced chunks from (close them).
+    The trailer digest, every small record and every other section are
+    checked before this returns, and the parents' indexes hold every chunk
+    referenced; each deferred chunk's own data is checked when fetched.
+    """
+    summary, deferred, refs = _unpack(src, dest, resolve_parent, on_verified=on_verified, defer=defer)
+    assert refs is not None
+    return summary, deferred, refs
+
+
+def _unpack(
+    src: Path | str | BinaryIO,
+    dest: Path | str,
+    resolve_parent: ResolveParent | None = None,
+    *,
+    on_verified: OnVerified | None = None,
+    defer: Callable[[SectionInfo], bool] | None = None,
+) -> tuple[ImageSummary, Deferred, ChunkSource | None]:
     """Verify every byte of the image while writing its sections below ``dest``.
 
     An incremental image's references are read from the images
@@ -281,10 +335,16 @@ def unpack_image(
     try:
         os.mkdir(staging, 0o700, dir_fd=dest_fd)
         stage_fd = os.open(staging, _DIR_FLAGS, dir_fd=dest_fd)
-        sink = _FileSink(stage_fd, on_verified)
+        sink = _FileSink(stage_fd, on_verified, defer)
+        refs: ChunkSource | None = None
         try:
             try:
-                summary = walk(src, sink, resolve_parent)
+                if defer is None:
+                    summary = walk(src, sink, resolve_parent)
+                else:
+                    if not isinstance(src, (str, os.PathLike)):
+                        raise TypeError("a deferring unpack reads the image by path")
+                    summary, refs = walk_deferred(src, sink, resolve_parent)
                 sink.finish_dirs()
             finally:
                 sink.close()
@@ -296,8 +356,12 @@ def unpack_image(
             for entry in os.listdir(stage_fd):
                 os.rename(entry, entry, src_dir_fd=stage_fd, dst_dir_fd=dest_fd)
                 moved.append(entry)
-        except OSError as exc:
-            raise StoreError(f"{dest}: cannot unpack: {exc}") from exc
+        except BaseException as exc:
+            if refs is not None:
+                refs.close()
+            if isinstance(exc, OSError):
+                raise StoreError(f"{dest}: cannot unpack: {exc}") from exc
+            raise
         finally:
             os.close(stage_fd)
     except BaseException:
@@ -311,8 +375,8 @@ def unpack_image(
     os.rmdir(staging, dir_fd=dest_fd)
     os.close(dest_fd)
     hlog.event(_log, "image.unpacked", f"unpacked into {dest}", logging.DEBUG, ckptid=summary.meta.ckptid,
-               sections=len(summary.sections), bytes=summary.length)
-    return summary
+               sections=len(summary.sections), bytes=summary.length, deferred=len(sink.deferred))
+    return summary, sink.deferred, refs
 
 
 def _cleanup(dest_fd: int, name: str) -> None:

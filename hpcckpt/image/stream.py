@@ -1,0 +1,145 @@
+"""A streamed restore's view of an image: small files unpacked and checked, page data served on demand.
+
+A restore that first unpacks the whole image waits for every byte to be
+read, checked and written to node-local staging before CRIU starts, and
+then CRIU reads it all again; the node also needs room for a second copy of
+the job's memory. Here the image is checked in two steps instead:
+
+1. :func:`prepare_image` walks the whole image before CRIU starts: the
+   preamble, every record header (the trailer digest covers them all, and
+   each header carries its payload's checksum), every small record, and
+   every section except the bulk ones, which it writes to ``dest`` for the
+   restore's own checks (owner, ids, CPU, open files). Of a bulk section it
+   keeps only where each chunk lies; every chunk an incremental image takes
+   from a parent must be in that parent's index.
+2. :meth:`PreparedImage.open` then hands CRIU a bulk section as a stream of
+   chunks, each read back and checked (record checksum against the header
+   the trailer covered, codec, content hash) before its first byte is
+   passed on. A chunk that fails stops the stream: CRIU sees its pipe end,
+   fails the restore before any restored task runs, and the caller reports
+   the image error and falls back to an older checkpoint.
+
+So CRIU still never receives a byte that was not checked, while reading the
+store overlaps CRIU's restore instead of preceding it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from hpcckpt.errors import CorruptImageError, UnreadableImageError
+from hpcckpt.image.fetch import ChunkAt, ChunkBuffer, read_chunk
+from hpcckpt.image.model import ImageSummary, SectionInfo
+from hpcckpt.image.parent import ChunkSource, ResolveParent
+from hpcckpt.image.unpack import OnVerified, unpack_deferring
+
+# CRIU's memory contents: by far the bulk of an image, read once, in order, by restore.
+PAGE_FILES = ("pages-*.img",)
+# Any other file this large is streamed too (a ghost file, a tmpfs archive); the restore's own
+# checks read only small metadata files.
+BULK_FILE = 16 << 20
+# Chunks asked of the kernel ahead of the one being checked, so the disk reads while we hash.
+_READ_AHEAD = 4
+_SMALL_READ = 1 << 20
+
+Source = Callable[[str], Iterator[memoryview] | None]
+
+
+def is_bulk(info: SectionInfo) -> bool:
+    """Whether a section is streamed rather than unpacked."""
+    base = info.name.rpartition("/")[2]
+    return info.size >= BULK_FILE or any(fnmatch.fnmatchcase(base, pat) for pat in PAGE_FILES)
+
+
+class PreparedImage:
+    """An image checked but for its bulk sections' chunk data; serves every file by name."""
+
+    def __init__(self, path: Path, dest: Path, summary: ImageSummary,
+                 deferred: Mapping[str, tuple[SectionInfo, list[ChunkAt]]], parents: ChunkSource) -> None:
+        self.path = path
+        self.dest = dest
+        self.summary = summary
+        self.deferred = dict(deferred)
+        self._parents = parents
+        self._names = {s.name for s in summary.sections if s.kind == "file"}
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(info.size for info, _ in self.deferred.values())
+
+    def open(self, name: str) -> Iterator[memoryview] | None:
+        """The checked content of file ``name`` of the image, or None if the image has no such file."""
+        if name not in self._names:
+            return None
+        if name in self.deferred:
+            return self._stream(name)
+        return self._small(name)
+
+    def _small(self, name: str) -> Iterator[memoryview]:
+        # Checked whole by prepare_image and written by us into our private directory.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dest_fd)
+        try:
+            while data := os.read(fd, _SMALL_READ):
+                yield memoryview(data)
+        finally:
+            os.close(fd)
+
+    def _stream(self, name: str) -> Iterator[memoryview]:
+        info, chunks = self.deferred[name]
+        buf = ChunkBuffer()
+        where = os.fspath(self.path)
+        done = 0
+        self._read_ahead(chunks[:_READ_AHEAD])
+        for i, c in enumerate(chunks):
+            self._read_ahead(chunks[i + _READ_AHEAD : i + _READ_AHEAD + 1])
+            if c.ref:
+                raw = self._parents.fetch(c.ref, c.digest, c.raw_len, buf)
+            else:
+                raw = read_chunk(self._fd, where, c.rec_offset, c.rec_index, c.digest, c.raw_len, buf,
+                                 checksum=c.checksum)
+            view = memoryview(raw)
+            if c.offset != done or view.nbytes != c.raw_len:  # prepare_image placed every chunk
+                raise CorruptImageError(f"section {name!r}: chunk at {c.offset} out of place", path=where,
+                                        offset=c.rec_offset)
+            done += view.nbytes
+            yield view
+        if done != info.size:
+            raise CorruptImageError(f"section {name!r} streamed {done} of {info.size} bytes", path=where)
+
+    def _read_ahead(self, chunks: list[ChunkAt]) -> None:
+        for c in chunks:
+            if c.ref:
+                self._parents.advise(c.ref, c.digest, c.raw_len)
+            else:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self._fd, c.rec_offset, c.raw_len + 4096, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        self._parents.close()
+        for fd in (self._fd, self._dest_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fd = self._dest_fd = -1
+
+
+def prepare_image(
+    path: Path,
+    dest: Path,
+    resolve_parent: ResolveParent | None,
+    *,
+    on_verified: OnVerified | None = None,
+    bulk: Callable[[SectionInfo], bool] = is_bulk,
+) -> PreparedImage:
+    """Check ``path`` (see the module docstring) and unpack all but its bulk sections into ``dest``."""
+    summary, deferred, parents = unpack_deferring(path, dest, resolve_parent, bulk, on_verified=on_verified)
+    try:
+        return PreparedImage(path, dest, summary, deferred, parents)
+    except OSError as exc:
+        parents.close()
+        raise UnreadableImageError(f"{path}: cannot open it again to stream it: {exc.strerror}") from exc
