@@ -55,12 +55,15 @@ from hpcckpt.errors import (
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
 from hpcckpt.image.parent import chain_info
 from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver
+from hpcckpt.image.stream import PreparedImage, prepare_image
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner.launch import StdioPipes
 from hpcckpt.security import authorize_restore
 
 _log = hlog.get("resume")
 GROWN_CHOICES = ("truncate", "keep", "refuse")
+# Staging a streamed restore needs: the image's small files only (bulk ones are streamed).
+STREAM_STAGING = 64 << 20
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Restored:
     restore_s: float
     image: Path | None = None  # the image restored from: the parent of the next checkpoint
     staging: str = ""  # where it was unpacked: "tmpfs" | "disk"
+    streamed: bool = False  # memory pages streamed to CRIU rather than unpacked first
 
     @property
     def interval(self) -> float | None:
@@ -255,6 +259,7 @@ class Resumer:
         options: DumpOptions,
         grown_files: str = "truncate",
         tmpfs: Path | None = TMPFS,
+        stream: bool = True,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -263,6 +268,7 @@ class Resumer:
         self.tmpfs = tmpfs
         self.options = options
         self.grown_files = grown_files
+        self.stream = stream
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
@@ -302,15 +308,25 @@ class Resumer:
 
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
-        choice = choose_staging(self.user, rec.job_id, raw_size_estimate(image), disk_root=self.disk_staging,
-                                tmpfs=self.tmpfs)
+        need = raw_size_estimate(image)
+        if self.stream:
+            need = min(need, STREAM_STAGING)  # only the small files are unpacked; the memory is streamed
+        choice = choose_staging(self.user, rec.job_id, need, disk_root=self.disk_staging, tmpfs=self.tmpfs)
         dest = choice.root / f"restore-{os.getpid()}-{rec.ckptid}"
         if dest.exists():
             shutil.rmtree(dest)
+        prepared: PreparedImage | None = None
         try:
-            # Verifies every byte (and every chunk taken from a parent) while writing; a bad image leaves nothing.
             cpu = EarlyCpuCheck(self.engine)
-            summary = unpack_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
+            if self.stream:
+                # Checks the whole image but the chunk data of its memory pages, which is checked chunk
+                # by chunk as CRIU reads it (hpcckpt.image.stream): no byte reaches CRIU unchecked.
+                prepared = prepare_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
+                summary = prepared.summary
+            else:
+                # Checks every byte (and every chunk taken from a parent) while writing; a bad image
+                # leaves nothing.
+                summary = unpack_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
             check_system(summary)
             plan = plan_files(summary.files, self.grown_files)
             if plan.problems:
@@ -342,7 +358,8 @@ class Resumer:
                     if isinstance(stdio.get(job_fd), str):
                         inherit[ours] = str(stdio[job_fd])
             try:
-                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit)
+                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit,
+                                          source=prepared.open if prepared is not None else None)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
@@ -350,6 +367,8 @@ class Resumer:
                 raise
             pipes.close_write_ends()
         finally:
+            if prepared is not None:
+                prepared.close()
             shutil.rmtree(dest, ignore_errors=True)
         try:
             self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{node_name()}",
@@ -358,9 +377,10 @@ class Resumer:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
                    ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
-                   parents=summary.parents)
+                   parents=summary.parents, streamed=prepared is not None)
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
-                        fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind)
+                        fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind,
+                        streamed=prepared is not None)
 
 
 def describe(restored: Restored) -> dict[str, Any]:

@@ -9,7 +9,7 @@ files, so that failure handling can be exercised without root.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +80,7 @@ class CheckpointEngine(Protocol):
         options: DumpOptions,
         inherit_fds: Mapping[int, str] | None = None,
         timeout: float | None = None,
+        source: Callable[[str], Iterator[memoryview] | None] | None = None,
     ) -> RestoreResult: ...
 
     def cpuinfo_dump(self, images_dir: Path) -> None: ...

@@ -38,6 +38,7 @@ So criu never sees that namespace as foreign:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -51,7 +52,15 @@ from pathlib import Path
 from hpcckpt import log as hlog
 from hpcckpt.criuimg import UID_KINDS, scan_credentials
 from hpcckpt.engine.base import AFTER_DUMP, DumpOptions, DumpResult, RestoreResult
-from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError, UnreadableImageError
+from hpcckpt.engine.streamer import ImageStreamer
+from hpcckpt.engine.streamer import Source as StreamSource
+from hpcckpt.errors import (
+    DeadlineExceededError,
+    EngineError,
+    EngineNotFoundError,
+    HpcckptError,
+    UnreadableImageError,
+)
 
 _log = hlog.get("engine.criu")
 
@@ -352,11 +361,18 @@ class Criu:
         options: DumpOptions,
         inherit_fds: Mapping[int, str] | None = None,
         timeout: float | None = None,
+        source: StreamSource | None = None,
     ) -> RestoreResult:
         """Restore the tree in ``images_dir`` as a child of this process; return its host pid.
 
         ``inherit_fds`` maps a descriptor of ours to the resource it replaces
         in the image (``"pipe:[1234]"``), for CRIU's ``--inherit-fd``.
+
+        With ``source`` (file name -> its content), CRIU reads every image
+        through the image-streamer protocol (:mod:`hpcckpt.engine.streamer`)
+        instead of from ``images_dir``, which then only holds the socket and
+        CRIU's log. If the source fails (an image chunk that fails its
+        checks), that error is raised, whatever CRIU made of its short read.
         """
         log_name, pidfile = "restore.log", "restored.pid"
         with_pid = images_dir / pidfile
@@ -377,8 +393,21 @@ class Criu:
         wrapper: list[str] = []
         if restore_needs_user_namespace(images_dir, euid=euid):
             wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare"))
-        res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
+        streamer = None
+        if source is not None:
+            args.append("--stream")
+            streamer = ImageStreamer(images_dir, source).start()
+        try:
+            res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
+        finally:
+            failed = streamer.close() if streamer is not None else None
         log_path = images_dir / log_name
+        if failed is not None:
+            if res.rc == 0:  # criu never needed the bad part; an image that fails a check is not used
+                self._kill_restored(with_pid)
+            if isinstance(failed, HpcckptError):
+                raise failed
+            raise EngineError(f"serving the images to criu failed: {failed}", log_excerpt=log_excerpt(log_path))
         if res.rc != 0:
             excerpt = log_excerpt(log_path) or res.err.strip()
             raise EngineError(
@@ -394,6 +423,13 @@ class Criu:
                               log_excerpt=log_excerpt(log_path)) from exc
         hlog.event(_log, "criu.restored", f"restored pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
         return RestoreResult(pid=pid, seconds=res.seconds, log_path=log_path)
+
+    @staticmethod
+    def _kill_restored(pidfile: Path) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # --restore-sibling: it is our child
 
     def cpuinfo_dump(self, images_dir: Path) -> None:
         res = self._run(["cpuinfo", "dump", *self._mode(), "-D", str(images_dir), "-o", "cpuinfo-dump.log"],

@@ -75,6 +75,7 @@ class CriuPolicy:
 @dataclass(frozen=True)
 class RestorePolicy:
     grown_files: str
+    stream: bool
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,8 @@ _FIELDS: tuple[Field, ...] = (
           "more CRIU options, each as one '--opt=value' item", user_check=_criu_user_args),
     Field("restore.grown_files", EnumKind(choices=("truncate", "keep", "refuse")), "truncate",
           "a file the job writes grew since the checkpoint: truncate it back, keep it, or refuse"),
+    Field("restore.stream", BoolKind(), True,
+          "stream memory pages to CRIU as they are checked (false: unpack the whole image to staging first)"),
     Field("pipeline.async_flush", BoolKind(), True, "let the job run on while the image is flushed"),
     Field("pipeline.on_busy", EnumKind(choices=("skip", "queue")), "skip",
           "a checkpoint falls due while the last is still flushing: skip it or queue it"),

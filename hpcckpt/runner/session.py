@@ -195,7 +195,8 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
 
 def _resumer(env: Environment) -> Resumer:
     return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
-                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files)
+                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files,
+                   stream=env.policy.restore.stream)
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:

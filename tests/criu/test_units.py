@@ -13,6 +13,7 @@ from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.engine.base import DumpOptions, DumpResult, RestoreResult
 from hpcckpt.engine.criu import log_excerpt
+from hpcckpt.engine.streamer import Source as StreamSource
 from hpcckpt.errors import EngineError, RunnerUnreachableError, UsageError
 from hpcckpt.image import OpenFile, verify_image
 from hpcckpt.jobid import resolve
@@ -105,7 +106,7 @@ class FailingEngine:
         raise EngineError("criu dump of pid 1 failed (exit 1)", log_excerpt="Error (x.c:1): cannot seize")
 
     def restore(self, images_dir: Path, *, options: DumpOptions, inherit_fds: Mapping[int, str] | None = None,
-                timeout: float | None = None) -> RestoreResult:
+                timeout: float | None = None, source: StreamSource | None = None) -> RestoreResult:
         raise AssertionError("not used")
 
     def cpuinfo_dump(self, images_dir: Path) -> None:

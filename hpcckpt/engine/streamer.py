@@ -1,0 +1,239 @@
+"""CRIU's image-streamer protocol, served from Python: ``criu restore --stream`` reads its images from us.
+
+With ``--stream``, CRIU opens no image file itself. It connects to
+``IMAGES_DIR/streamer-serve.sock`` and, for each image it wants, sends an
+``img_streamer_request_entry`` (the file name); we answer with an
+``img_streamer_reply_entry`` (whether it exists), and if it does CRIU sends
+the write end of a fresh pipe (SCM_RIGHTS, with one dummy byte) and reads
+the file from the read end. Messages are protobuf, each preceded by its
+length as a little-endian u32 (CRIU's ``pb_write_one`` without a magic).
+See criu/img-streamer.c and images/img-streamer.proto in CRIU's source.
+
+CRIU may read several files at once (one per restored process), and reads a
+file only as fast as it restores it, so each file is pumped into its pipe
+on a thread of its own. A file's content comes from a ``source`` callable
+(name -> iterator of buffers, or None when there is no such file); an error
+raised by the iterator (a chunk that fails its checks) closes that pipe, so
+CRIU fails the restore, and is reported by :meth:`ImageStreamer.close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from hpcckpt import log as hlog
+from hpcckpt.errors import EngineError
+
+_log = hlog.get("engine.streamer")
+
+SOCKET_NAME = "streamer-serve.sock"
+_LEN = struct.Struct("<I")
+_MAX_REQUEST = 64 << 10  # a file name, protobuf-wrapped
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_SIZE = 1 << 20  # the default pipe-max-size: fewer wakeups than the 64 KiB default
+_POLL = 0.2
+
+Source = Callable[[str], Iterator[memoryview] | None]
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def parse_request(msg: bytes) -> str:
+    """The file name of an ``img_streamer_request_entry`` (``required string filename = 1``)."""
+    i = 0
+    name: str | None = None
+    while i < len(msg):
+        key, i = _varint(msg, i)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            n, i = _varint(msg, i)
+            if i + n > len(msg):
+                raise ValueError("truncated field")
+            if field == 1:
+                name = msg[i : i + n].decode("utf-8", "surrogateescape")
+            i += n
+        elif wire == 0:
+            _, i = _varint(msg, i)
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    if name is None:
+        raise ValueError("request without a file name")
+    return name
+
+
+def reply(exists: bool) -> bytes:
+    """An ``img_streamer_reply_entry`` (``required bool exists = 1``), length-prefixed."""
+    body = b"\x08" + (b"\x01" if exists else b"\x00")
+    return _LEN.pack(len(body)) + body
+
+
+def request(name: str) -> bytes:
+    """What CRIU sends for ``name`` (used by tests that play CRIU's side)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    body = b"\x0a" + _encode_varint(len(raw)) + raw
+    return _LEN.pack(len(body)) + body
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        part = conn.recv(n - len(buf))
+        if not part:
+            if buf:
+                raise EngineError("criu closed the image-streamer socket in the middle of a request")
+            return None
+        buf += part
+    return bytes(buf)
+
+
+class ImageStreamer:
+    """Serves ``source`` to one ``criu restore --stream -D images_dir``; start before CRIU, close after."""
+
+    def __init__(self, images_dir: Path, source: Source) -> None:
+        self.images_dir = images_dir
+        self.source = source
+        self.path = images_dir / SOCKET_NAME
+        self._stop = threading.Event()
+        self._pumps: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self.served: list[str] = []
+        self.bytes = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self._sock.bind(os.fspath(self.path))
+            os.chmod(self.path, 0o600)
+            self._sock.listen(1)
+            self._sock.settimeout(_POLL)
+        except OSError as exc:
+            self._sock.close()
+            raise EngineError(f"{self.path}: cannot create the image-streamer socket: {exc.strerror}") from exc
+        self._thread = threading.Thread(target=self._serve, name="hpcckpt-streamer", daemon=True)
+
+    def start(self) -> ImageStreamer:
+        self._thread.start()
+        return self
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(exc)
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._sock.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(None)
+                    self._session(conn)
+                return  # one criu, one connection
+        except BaseException as exc:  # reported by close(); criu sees the socket go
+            self._fail(exc)
+
+    def _session(self, conn: socket.socket) -> None:
+        while True:
+            head = _recv_exact(conn, _LEN.size)
+            if head is None:
+                return  # criu is done with the streamer (img_streamer_finish) or gone
+            (n,) = _LEN.unpack(head)
+            if n > _MAX_REQUEST:
+                raise EngineError(f"criu sent an image-streamer request of {n} bytes")
+            msg = _recv_exact(conn, n)
+            if msg is None:
+                return
+            try:
+                name = parse_request(msg)
+            except ValueError as exc:
+                raise EngineError(f"malformed image-streamer request from criu: {exc}") from exc
+            content = self.source(name)
+            conn.sendall(reply(content is not None))
+            if content is None:
+                continue
+            try:
+                _, fds, _, _ = socket.recv_fds(conn, 1, 1, socket.MSG_CMSG_CLOEXEC)
+            except OSError:
+                _close_source(content)
+                raise
+            if len(fds) != 1:
+                _close_source(content)
+                for fd in fds:
+                    os.close(fd)
+                raise EngineError(f"criu sent no pipe for {name}")
+            self.served.append(name)
+            t = threading.Thread(target=self._pump, args=(name, content, fds[0]), name=f"hpcckpt-pump-{name}",
+                                 daemon=True)
+            self._pumps.append(t)
+            t.start()
+
+    def _pump(self, name: str, content: Iterator[memoryview], fd: int) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        sent = 0
+        try:
+            for view in content:
+                while view.nbytes:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    sent += n
+        except BrokenPipeError:
+            # criu stopped reading: it failed (its exit status says so) or needed no more
+            hlog.event(_log, "streamer.closed_early", f"criu closed {name} after {sent} bytes", 10)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            os.close(fd)
+            _close_source(content)
+            with self._lock:
+                self.bytes += sent
+
+    def close(self, timeout: float = 30) -> BaseException | None:
+        """Stop serving and wait for the pumps; the first error a source or the protocol raised, if any."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        for t in self._pumps:
+            t.join(timeout)
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with self._lock:
+            return self._errors[0] if self._errors else None
+
+
+def _close_source(content: Iterator[memoryview]) -> None:
+    close = getattr(content, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
