@@ -1,0 +1,298 @@
+"""Streamed restores: an image checked but for its page data, which is checked chunk by chunk as served.
+
+The image side (:mod:`hpcckpt.image.stream`) and CRIU's image-streamer
+protocol (:mod:`hpcckpt.engine.streamer`), the latter driven from a client
+that does exactly what criu/img-streamer.c does. Real ``criu restore
+--stream`` runs in tests/criu and tests/pipeline/test_criu_incremental.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcckpt.engine.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply, request
+from hpcckpt.errors import CorruptImageError, EngineError, UnreadableImageError
+from hpcckpt.image import format as F
+from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
+from tests.pipeline.test_incremental import Chain
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Chain:
+    return Chain(tmp_path)
+
+
+def content(p: PreparedImage, name: str) -> bytes:
+    it = p.open(name)
+    assert it is not None, name
+    return b"".join(bytes(v) for v in it)
+
+
+def chunk_records(path: Path, at_least: int = 0) -> list[tuple[int, int]]:
+    """(record offset, payload length) of the CHUNK records of at least that length, walking the headers."""
+    data = path.read_bytes()
+    off, out = F.PREAMBLE.size, []
+    while off < len(data):
+        rtype, _, length, _ = F.RECORD_HEADER.unpack_from(data, off)
+        if rtype == F.T_CHUNK and length >= at_least:
+            out.append((off, length))
+        off += F.RECORD_HEADER.size + length
+    return out
+
+
+def flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "lz4"])
+def test_small_files_unpacked_pages_streamed_byte_identical(chain: Chain, tmp_path: Path, codec: str) -> None:
+    s1 = chain.pack(1, None, codec=codec)
+    chain.mem[5 * MiB : 5 * MiB + 100] = os.urandom(100)
+    chain.pack(2, s1.index, codec=codec)
+    dest = tmp_path / "dest"
+    p = prepare_image(chain.path(2), dest, chain.path)
+    try:
+        assert sorted(os.listdir(dest)) == ["pagemap-1.img"]  # the pages are not written anywhere
+        assert p.summary.parents == [1] and p.streamed_bytes == 8 * MiB
+        assert content(p, "pages-1.img") == bytes(chain.mem)
+        assert content(p, "pagemap-1.img") == b"pm" * 40
+        assert p.open("inventory.img") is None and p.open("../ckpt-1.hck") is None
+        # a file may be asked for again (criu opens some images twice)
+        assert content(p, "pages-1.img") == bytes(chain.mem)
+    finally:
+        p.close()
+
+
+def test_is_bulk() -> None:
+    from hpcckpt.image.model import SectionInfo
+
+    def info(name: str, size: int) -> SectionInfo:
+        return SectionInfo(name=name, mode=0o600, size=size, stored=0, codec="none", kind="file", chunks=0)
+
+    assert is_bulk(info("pages-3.img", 10)) and is_bulk(info("ghost-file-1.img", 64 * MiB))
+    assert not is_bulk(info("pagemap-3.img", 10)) and not is_bulk(info("core-1.img", MiB))
+
+
+def test_a_bad_page_chunk_stops_the_stream_before_its_bytes(chain: Chain, tmp_path: Path) -> None:
+    chain.pack(1, None, codec="none")
+    off, _ = chunk_records(chain.path(1), MiB)[3]  # the fourth 1 MiB chunk of pages-1.img
+    flip(chain.path(1), off + F.RECORD_HEADER.size + F.CHUNK.size + 1000)
+    p = prepare_image(chain.path(1), tmp_path / "dest", chain.path)  # structure and trailer are fine
+    got = bytearray()
+    try:
+        it = p.open("pages-1.img")
+        assert it is not None
+        with pytest.raises(CorruptImageError) as exc:
+            for view in it:
+                got += view
+    finally:
+        p.close()
+    assert len(got) == 3 * MiB and bytes(got) == bytes(chain.mem[: 3 * MiB])  # nothing of the bad chunk
+    assert str(chain.path(1)) in str(exc.value) and f"offset {off}" in str(exc.value)
+
+
+def test_a_bad_chunk_in_the_parent_stops_the_stream(chain: Chain, tmp_path: Path) -> None:
+    s1 = chain.pack(1, None, codec="none")
+    chain.mem[:4096] = os.urandom(4096)
+    chain.pack(2, s1.index)
+    off, _ = chunk_records(chain.path(1), MiB)[6]
+    flip(chain.path(1), off + F.RECORD_HEADER.size + F.CHUNK.size + 7)
+    p = prepare_image(chain.path(2), tmp_path / "dest", chain.path)
+    try:
+        with pytest.raises(CorruptImageError, match="referenced chunk checksum mismatch") as exc:
+            content(p, "pages-1.img")
+    finally:
+        p.close()
+    assert str(chain.path(1)) in str(exc.value)
+
+
+@pytest.mark.parametrize("where", ["chunk header", "small section", "truncated", "trailer"])
+def test_damage_outside_page_data_is_refused_before_anything_is_served(
+    chain: Chain, tmp_path: Path, where: str
+) -> None:
+    chain.pack(1, None, codec="none")
+    path = chain.path(1)
+    if where == "chunk header":  # a chunk's header is covered by the trailer digest
+        flip(path, chunk_records(path, MiB)[2][0] + 9)
+    elif where == "small section":  # pagemap-1.img, stored whole
+        off, length = chunk_records(path)[0]
+        assert length == F.CHUNK.size + 80
+        flip(path, off + F.RECORD_HEADER.size + F.CHUNK.size + 1)
+    elif where == "truncated":
+        os.truncate(path, path.stat().st_size - 5000)
+    else:
+        flip(path, path.stat().st_size - 3)
+    dest = tmp_path / "dest"
+    with pytest.raises(CorruptImageError) as exc:
+        prepare_image(path, dest, chain.path)
+    assert str(path) in str(exc.value) and "offset" in str(exc.value)
+    assert not dest.exists()  # nothing left behind
+
+
+def test_a_missing_parent_or_chunk_is_refused_before_anything_is_served(chain: Chain, tmp_path: Path) -> None:
+    s1 = chain.pack(1, None)
+    chain.pack(2, s1.index)
+    # a parent that lacks what the child refers to: another image packed under the same ckptid
+    chain.mem[:] = os.urandom(len(chain.mem))
+    (chain.root / "other").mkdir()
+    other = chain.root / "other" / "ckpt-1.hck"
+    (chain.src / "pages-1.img").write_bytes(chain.mem)
+    from hpcckpt.image import pack_dir
+    from tests.pipeline.test_incremental import meta
+
+    with open(other, "wb") as f:
+        pack_dir(chain.src, f, meta(1), chunk_size=MiB)
+    with pytest.raises(CorruptImageError, match="does not store the chunk"):
+        prepare_image(chain.path(2), tmp_path / "d1", lambda c: other)
+    chain.path(1).unlink()
+    with pytest.raises(UnreadableImageError, match="missing"):
+        prepare_image(chain.path(2), tmp_path / "d2", chain.path)
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+
+
+# --- the image-streamer protocol, with a client that does what CRIU does ---------------------------
+
+
+class FakeCriu:
+    """criu/img-streamer.c's side: connect, request a file, read the reply, hand over a pipe's write end."""
+
+    def __init__(self, images_dir: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(images_dir / SOCKET_NAME))
+
+    def open(self, name: str) -> int | None:
+        self.sock.sendall(request(name))
+        (n,) = struct.unpack("<I", self._exact(4))
+        exists = self._exact(n) == b"\x08\x01"
+        if not exists:
+            return None
+        r, w = os.pipe()
+        socket.send_fds(self.sock, [b"\0"], [w])
+        os.close(w)
+        return r
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = self.sock.recv(n - len(buf))
+            assert part
+            buf += part
+        return buf
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_all(fd: int) -> bytes:
+    out = bytearray()
+    while part := os.read(fd, 1 << 20):
+        out += part
+    os.close(fd)
+    return bytes(out)
+
+
+def test_protocol_messages_roundtrip() -> None:
+    assert parse_request(request("pages-1.img")[4:]) == "pages-1.img"
+    assert reply(True) == b"\x02\x00\x00\x00\x08\x01" and reply(False)[-1] == 0
+    with pytest.raises(ValueError):
+        parse_request(b"\x0a\x05ab")
+
+
+def test_streamer_serves_files_concurrently_and_says_what_is_missing(tmp_path: Path) -> None:
+    files = {"inventory.img": b"inv" * 10, "pages-1.img": os.urandom(3 * MiB), "pages-2.img": os.urandom(MiB)}
+
+    def source(name: str) -> Iterator[memoryview] | None:
+        if name not in files:
+            return None
+        data = files[name]
+        return (memoryview(data)[i : i + 65536] for i in range(0, len(data), 65536))
+
+    s = ImageStreamer(tmp_path, source).start()
+    criu = FakeCriu(tmp_path)
+    assert criu.open("tty-info.img") is None
+    # two pages files open at once and read interleaved, as two restored processes do
+    a, b = criu.open("pages-1.img"), criu.open("pages-2.img")
+    assert a is not None and b is not None
+    got: dict[str, bytes] = {}
+    ta = threading.Thread(target=lambda: got.__setitem__("a", read_all(a)))
+    ta.start()
+    got["b"] = read_all(b)
+    ta.join()
+    inv = criu.open("inventory.img")
+    assert inv is not None and read_all(inv) == files["inventory.img"]
+    criu.close()
+    assert s.close() is None
+    assert got == {"a": files["pages-1.img"], "b": files["pages-2.img"]}
+    assert s.served == ["pages-1.img", "pages-2.img", "inventory.img"]
+    assert not (tmp_path / SOCKET_NAME).exists()
+
+
+def test_a_failing_source_closes_the_pipe_and_is_reported(tmp_path: Path) -> None:
+    def source(name: str) -> Iterator[memoryview]:
+        yield memoryview(b"good" * 1000)
+        raise CorruptImageError("chunk checksum mismatch", path="/store/ckpt-9.hck", offset=4242)
+
+    s = ImageStreamer(tmp_path, source).start()
+    criu = FakeCriu(tmp_path)
+    fd = criu.open("pages-1.img")
+    assert fd is not None
+    assert read_all(fd) == b"good" * 1000  # then EOF: criu fails on its short read
+    criu.close()
+    err = s.close()
+    assert isinstance(err, CorruptImageError) and "offset 4242" in str(err)
+
+
+def test_criu_that_never_connects_or_leaves_early(tmp_path: Path) -> None:
+    s = ImageStreamer(tmp_path, lambda name: iter([memoryview(b"x" * (4 * MiB))])).start()
+    assert s.close(timeout=5) is None  # criu failed before connecting: nothing to report
+    s = ImageStreamer(tmp_path, lambda name: iter([memoryview(b"x" * (4 * MiB))])).start()
+    criu = FakeCriu(tmp_path)
+    fd = criu.open("pages-1.img")
+    assert fd is not None
+    os.read(fd, 100)
+    os.close(fd)  # criu stops reading: a broken pipe is criu's business, not an error of ours
+    criu.close()
+    assert s.close(timeout=5) is None
+
+
+def test_a_garbled_request_is_an_engine_error(tmp_path: Path) -> None:
+    s = ImageStreamer(tmp_path, lambda name: None).start()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(tmp_path / SOCKET_NAME))
+    c.sendall(struct.pack("<I", 3) + b"\x0a\x09a")
+    c.close()
+    err = s.close(timeout=5)
+    assert isinstance(err, EngineError) and "malformed" in str(err)
+
+
+def test_pages_of_several_processes_stream_at_once(chain: Chain, tmp_path: Path) -> None:
+    """One pump thread per restored process, all decoding zstd at the same time (a shared zstd
+    decoding context corrupts output: seen with a real process tree)."""
+    for n in range(2, 7):
+        (chain.src / f"pages-{n}.img").write_bytes(b"".join(os.urandom(4096) * 64 for _ in range(12)))
+    chain.pack(1, None, codec="zstd")
+    p = prepare_image(chain.path(1), tmp_path / "dest", chain.path)
+    got: dict[str, bytes] = {}
+    try:
+        threads = [threading.Thread(target=lambda n=n: got.__setitem__(n, content(p, n)))
+                   for n in sorted(p.deferred)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        p.close()
+    assert sorted(got) == [f"pages-{n}.img" for n in range(1, 7)]
+    for name, data in got.items():
+        assert data == (chain.src / name).read_bytes()
