@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -52,17 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcckpt import criuimg, procinfo
+from hpcckpt import criuimg, fsutil, procinfo
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User, node_name
-from hpcckpt.engine.base import CheckpointEngine, DumpOptions
+from hpcckpt.engine.base import CheckpointEngine, DumpOptions, DumpResult
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, StoreError
 from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity
 from hpcckpt.pipeline.flush import Admission, Flusher, FlushResult, FlushSettings, Publisher
-from hpcckpt.pipeline.predump import PreDumpPlan
+from hpcckpt.pipeline.predump import PREDUMP_DIR, PreDumpEngine, PreDumpPlan, adopt_parent
 from hpcckpt.pipeline.staging import TMPFS, StagedCheckpoint, choose_staging, job_rss, staging_candidates
 from hpcckpt.runner.launch import needs_user_namespace
 from hpcckpt.store import Store
@@ -208,10 +209,11 @@ class Checkpointer:
         self._fresh: list[CheckpointResult | FlushResult] = []
         self.notify: Callable[[], None] = lambda: None  # the runner's wake-up: a result is ready
         self.flusher = self._new_flusher(parent)
+        if self.predump.enabled and not isinstance(engine, PreDumpEngine):
+            self.predump = PreDumpPlan(False, f"the {engine.name} engine has no pre-dump")
         if self.predump.enabled:
-            hlog.event(_log, "checkpoint.predump", f"pre-dump with memory tracking is available "
-                       f"({self.predump.reason}), but the engine adapter has no pre-dump call yet; "
-                       "incremental images avoid rewriting unchanged memory instead", 30)
+            hlog.event(_log, "checkpoint.predump", f"pre-dump with memory tracking is on ({self.predump.reason}): "
+                       "the job is frozen only to write what changed since each pre-dump", 20)
 
     # -- the flusher -----------------------------------------------------------
 
@@ -346,11 +348,12 @@ class Checkpointer:
             # The tree and its open files are read while the job still runs; only their sizes must be the
             # sizes at the freeze, and those come from CRIU's images below, after the job runs again.
             snap = procinfo.snapshot(pid)
+            predumped = self._pre_dump(pid, staged.path, deadline)
             t_freeze = time.monotonic()
             try:
                 # A final checkpoint's tree must not run on past its image: it stays stopped until the commit.
-                dumped = self.engine.dump(pid, staged.dump_dir, options=self.options,
-                                          after="stopped" if final else "running", timeout=_remaining(deadline))
+                dumped, predumped = self._dump(pid, staged, "stopped" if final else "running", deadline,
+                                               predumped)
             except HpcckptError as err:
                 self.record_failure(err)
                 hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} "
@@ -361,7 +364,11 @@ class Checkpointer:
                 tasks: list[TaskInfo] = snap.tasks
                 files = _files_at_dump(snap, staged.dump_dir)
                 self.engine.cpuinfo_dump(staged.dump_dir)
-                staged.mark_done(self._meta(pid), user, tasks=tasks, files=files)
+                meta = self._meta(pid)
+                if predumped is not None:
+                    adopt_parent(staged.dump_dir, predumped)
+                    meta.extra["predump"] = True  # restored from an unpacked copy: CRIU streams no parents
+                staged.mark_done(meta, user, tasks=tasks, files=files)
             except (HpcckptError, OSError) as err:
                 if final:
                     signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)
@@ -379,6 +386,46 @@ class Checkpointer:
         hlog.event(_log, "checkpoint.staged", f"job {self.job.identity.job_id} dumped to {choice.kind} staging",
                    10, stage=staged.name, frozen_s=round(frozen, 3), staging=choice.kind, why=choice.reason)
         return taken
+
+    def _pre_dump(self, pid: int, stage: Path, deadline: float | None) -> Path | None:
+        """Pre-dump into ``stage/predump`` while the job runs; None when off, or when it failed (then off)."""
+        if not self.predump.enabled:
+            return None
+        assert isinstance(self.engine, PreDumpEngine)
+        where = stage / PREDUMP_DIR
+        try:
+            fsutil.ensure_private_dir(where, self.job.user.uid, self.job.user.gid, base=stage)
+            res = self.engine.pre_dump(pid, where, options=self.options, timeout=_remaining(deadline))
+        except (HpcckptError, OSError) as err:
+            shutil.rmtree(where, ignore_errors=True)
+            self._predump_off(f"pre-dump failed: {err}")
+            return None
+        hlog.event(_log, "checkpoint.predumped", f"pre-dumped job {self.job.identity.job_id}", 10,
+                   seconds=round(res.frozen_s, 3))
+        return where
+
+    def _dump(self, pid: int, staged: StagedCheckpoint, after: str, deadline: float | None,
+              predumped: Path | None) -> tuple[DumpResult, Path | None]:
+        """The dump, tracked against the pre-dump if there is one; (result, the pre-dump it used)."""
+        if predumped is not None:
+            assert isinstance(self.engine, PreDumpEngine)
+            try:
+                return self.engine.dump(pid, staged.dump_dir, options=self.options, after=after,
+                                        timeout=_remaining(deadline), track_from=predumped), predumped
+            except DeadlineExceededError:
+                raise
+            except HpcckptError as err:
+                self._predump_off(f"the dump after a pre-dump failed: {err}")
+            shutil.rmtree(predumped, ignore_errors=True)
+            shutil.rmtree(staged.dump_dir, ignore_errors=True)
+            fsutil.ensure_private_dir(staged.dump_dir, self.job.user.uid, self.job.user.gid, base=staged.path)
+        return self.engine.dump(pid, staged.dump_dir, options=self.options, after=after,
+                                timeout=_remaining(deadline)), None
+
+    def _predump_off(self, why: str) -> None:
+        # Safe first: a checkpoint is never lost to a pre-dump problem, and one failure is enough.
+        self.predump = PreDumpPlan(False, why)
+        hlog.event(_log, "checkpoint.predump_off", f"{why}; checkpoints of this run dump without pre-dumps", 30)
 
     def take(self, pid: int) -> Staged | None:
         """A periodic checkpoint: None when skipped because the store is still busy (nothing frozen)."""

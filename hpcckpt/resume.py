@@ -196,6 +196,14 @@ def raw_size_estimate(image: Path) -> int:
     return 2 * (size + base)
 
 
+def _predumped(image: Path) -> bool:
+    """Whether the image holds a CRIU pre-dump as ``parent/``, which ``criu restore --stream`` cannot read."""
+    try:
+        return read_header(image).extra.get("predump") is True
+    except (OSError, ImageError):
+        return False  # the unpack that follows says what is wrong with it
+
+
 class EarlyCpuCheck:
     """``criu cpuinfo check`` of an image's cpuinfo.img, run while the rest of the image unpacks.
 
@@ -309,7 +317,8 @@ class Resumer:
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
         need = raw_size_estimate(image)
-        if self.stream:
+        stream = self.stream and not _predumped(image)
+        if stream:
             need = min(need, STREAM_STAGING)  # only the small files are unpacked; the memory is streamed
         choice = choose_staging(self.user, rec.job_id, need, disk_root=self.disk_staging, tmpfs=self.tmpfs)
         dest = choice.root / f"restore-{os.getpid()}-{rec.ckptid}"
@@ -318,7 +327,7 @@ class Resumer:
         prepared: PreparedImage | None = None
         try:
             cpu = EarlyCpuCheck(self.engine)
-            if self.stream:
+            if stream:
                 # Checks the whole image but the chunk data of its memory pages, which is checked chunk
                 # by chunk as CRIU reads it (hpcckpt.image.stream): no byte reaches CRIU unchecked.
                 prepared = prepare_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})

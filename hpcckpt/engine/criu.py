@@ -321,37 +321,53 @@ class Criu:
         options: DumpOptions,
         after: str = "running",
         timeout: float | None = None,
+        track_from: Path | None = None,
     ) -> DumpResult:
         """Freeze the tree rooted at host pid ``pid`` and write it to ``images_dir``.
 
         ``after``: ``"running"`` thaws the tree, ``"stopped"`` leaves every task
         SIGSTOPped (the caller reads /proc, then sends SIGCONT), ``"kill"`` ends it.
+        ``track_from``: a :meth:`pre_dump` directory; only pages written since it
+        are dumped, the rest are marked as in the parent (CRIU's ``parent`` link).
         """
         if after not in AFTER_DUMP:
             raise ValueError(f"after must be one of {AFTER_DUMP}, not {after!r}")
-        log_name = "dump.log"
-        args = ["dump", "-t", str(pid), "-D", str(images_dir), "-o", log_name, *self._common(options)]
-        if after == "running":
-            args.append("--leave-running")
-        elif after == "stopped":
-            args.append("--leave-stopped")
+        extra = {"running": ["--leave-running"], "stopped": ["--leave-stopped"], "kill": []}[after]
+        if track_from is not None:
+            # CRIU wants the parent as a path relative to the images directory.
+            extra += ["--track-mem", "--prev-images-dir", os.path.relpath(track_from, images_dir)]
+        return self._dump("dump", pid, images_dir, options, extra, timeout)
+
+    def pre_dump(self, pid: int, images_dir: Path, *, options: DumpOptions, timeout: float | None = None
+                 ) -> DumpResult:
+        """Copy the tree's memory while it runs (a short freeze to collect it) and start tracking writes.
+
+        Needs the kernel's soft-dirty bits (``criu check --feature mem_dirty_track``).
+        """
+        return self._dump("pre-dump", pid, images_dir, options, ["--track-mem"], timeout)
+
+    def _dump(self, action: str, pid: int, images_dir: Path, options: DumpOptions, extra: list[str],
+              timeout: float | None) -> DumpResult:
+        log_name = f"{action.replace('-', '')}.log"
+        args = [action, "-t", str(pid), "-D", str(images_dir), "-o", log_name, *self._common(options), *extra]
         euid = os.geteuid()
         self._require_unprivileged_caps(euid)
         wrapper: list[str] = []
         if euid != 0:
             same = user_namespace_of(pid) == user_namespace_of("self")
             wrapper = dump_wrapper(pid, euid=euid, same_userns=same, nsenter=_tool("nsenter"))
-        res = self._run(args, timeout=timeout, what=f"criu dump of pid {pid}", wrapper=wrapper)
+        res = self._run(args, timeout=timeout, what=f"criu {action} of pid {pid}", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
             excerpt = log_excerpt(log_path) or res.err.strip()
             raise EngineError(
-                f"criu dump of pid {pid} failed (exit {res.rc}); log: {log_path}",
+                f"criu {action} of pid {pid} failed (exit {res.rc}); log: {log_path}",
                 log_excerpt=excerpt,
                 hint=explain_failure(excerpt, euid=euid)
                 or "the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node",
             )
-        hlog.event(_log, "criu.dumped", f"dumped pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
+        hlog.event(_log, f"criu.{action.replace('-', '')}ed", f"{action} of pid {pid} done", 10, pid=pid,
+                   seconds=round(res.seconds, 3))
         return DumpResult(frozen_s=res.seconds, log_path=log_path, images_dir=images_dir)
 
     def restore(
