@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.restores):
             drop_caches()
             t0 = time.monotonic()
-            pid = restore_raw(criu, raw2)
+            rpid = restore_raw(criu, raw2)
             rraws.append(time.monotonic() - t0)
-            kill_and_wait(pid)
+            kill_and_wait(rpid)
             drop_caches()
             t0 = time.monotonic()
             restored = resumer.resume("bench", r2.ckptid)

@@ -37,7 +37,9 @@ SOCKET_NAME = "streamer-serve.sock"
 _LEN = struct.Struct("<I")
 _MAX_REQUEST = 64 << 10  # a file name, protobuf-wrapped
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_PIPE_SIZE = 1 << 20  # the default pipe-max-size: fewer wakeups than the 64 KiB default
+# The default pipe-max-size. Measured streaming 1 GiB into criu restore: 64 KiB pipes 2.0 s, 256 KiB
+# 1.15 s, 1 MiB 0.87 s, but 2, 4 and 8 MiB (root may go past the maximum) 2.0-2.2 s.
+_PIPE_SIZE = 1 << 20
 _POLL = 0.2
 
 Source = Callable[[str], Iterator[memoryview] | None]

@@ -183,10 +183,15 @@ def _scan(f: BinaryIO, name: str) -> tuple[ImageMeta, Iterator[_Scanned]]:
 def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Scanned]:
     # pread of the few bytes each record needs: a buffered reader would pull a whole buffer
     # per chunk it seeks over, which on a cold cache reads a good part of the image.
-    fd = f.fileno()
+    return _scan_records(f.fileno(), name, offset, index)
+
+
+def _scan_records(fd: int, name: str, offset: int, index: int) -> Iterator[_Scanned]:
     section = ""
     while True:
-        head = os.pread(fd, F.RECORD_HEADER.size, offset)
+        # The header and a CHUNK's fixed part in one read (the rest of a small record follows).
+        first = os.pread(fd, F.RECORD_HEADER.size + F.CHUNK.size, offset)
+        head = first[: F.RECORD_HEADER.size]
         if len(head) != F.RECORD_HEADER.size:
             raise CorruptImageError("truncated record header", path=name, offset=offset, record=index)
         rtype, _flags, length, checksum = F.RECORD_HEADER.unpack(head)
@@ -207,7 +212,7 @@ def _scan_body(f: BinaryIO, name: str, offset: int, index: int) -> Iterator[_Sca
                 _, _, ckptid, off, raw_len, digest = F.CHUNK_REF.unpack(payload)
                 yield _Scanned(section, off, raw_len, digest, ckptid, offset, index)
         elif rtype == F.T_CHUNK and length >= F.CHUNK.size:
-            fixed = os.pread(fd, F.CHUNK.size, body)
+            fixed = first[F.RECORD_HEADER.size :]
             if len(fixed) == F.CHUNK.size:
                 _, _, _, _, off, raw_len, digest = F.CHUNK.unpack(fixed)
                 yield _Scanned(section, off, raw_len, digest, None, offset, index)
