@@ -9,10 +9,12 @@ files, so that failure handling can be exercised without root.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from hpcckpt.engine.streamer import Source as StreamSource
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class CheckpointEngine(Protocol):
         options: DumpOptions,
         inherit_fds: Mapping[int, str] | None = None,
         timeout: float | None = None,
-        source: Callable[[str], Iterator[memoryview] | None] | None = None,
+        source: StreamSource | None = None,
     ) -> RestoreResult: ...
 
     def cpuinfo_dump(self, images_dir: Path) -> None: ...

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
+import mmap
 import os
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from hpcckpt import log as hlog
+from hpcckpt.engine import splice
 from hpcckpt.errors import EngineError
 
 _log = hlog.get("engine.streamer")
@@ -42,7 +46,24 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PIPE_SIZE = 1 << 20
 _POLL = 0.2
 
-Source = Callable[[str], Iterator[memoryview] | None]
+
+@runtime_checkable
+class ChunkReader(Protocol):
+    """A file served as chunks read into the streamer's own buffers, so they can be spliced, not copied."""
+
+    buffer_size: int  # the most one chunk needs
+
+    def read_into(self, memory: memoryview) -> memoryview | None:
+        """The next chunk (a view of ``memory``, or of other memory), None after the last."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Content = Iterator[memoryview] | ChunkReader
+Source = Callable[[str], Content | None]
+# Buffers per spliced file: one being read while CRIU consumes the pipe (one chunk) from the others.
+_RING = 3
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -199,26 +220,26 @@ class ImageStreamer:
             self._pumps.append(t)
             t.start()
 
-    def _pump(self, name: str, content: Iterator[memoryview], fd: int) -> None:
+    def _pump(self, name: str, content: Content, fd: int) -> None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        sent = 0
+        sent = [0]
         try:
-            for view in content:
-                while view.nbytes:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    sent += n
+            if isinstance(content, ChunkReader):
+                _pump_chunks(content, fd, sent)
+            else:
+                for view in content:
+                    sent[0] += _write_all(fd, view)
         except BrokenPipeError:
             # criu stopped reading: it failed (its exit status says so) or needed no more
-            hlog.event(_log, "streamer.closed_early", f"criu closed {name} after {sent} bytes", 10)
+            hlog.event(_log, "streamer.closed_early", f"criu closed {name} after {sent[0]} bytes", 10)
         except BaseException as exc:
             self._fail(exc)
         finally:
             os.close(fd)
             _close_source(content)
             with self._lock:
-                self.bytes += sent
+                self.bytes += sent[0]
 
     def close(self, timeout: float = 30) -> BaseException | None:
         """Stop serving and wait for the pumps; the first error a source or the protocol raised, if any."""
@@ -234,7 +255,36 @@ class ImageStreamer:
             return self._errors[0] if self._errors else None
 
 
-def _close_source(content: Iterator[memoryview]) -> None:
+def _write_all(fd: int, view: memoryview) -> int:
+    n = view.nbytes
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+    return n
+
+
+def _pump_chunks(reader: ChunkReader, fd: int, sent: list[int]) -> None:
+    """Chunks read into a ring of our buffers and spliced into the pipe; a buffer is refilled only once
+    CRIU has read what was spliced from it (see :mod:`hpcckpt.engine.splice`)."""
+    # Anonymous mappings: unmapping one whose pages the pipe still holds is safe (they are counted).
+    ring = [memoryview(mmap.mmap(-1, max(reader.buffer_size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+            for _ in range(_RING)]
+    ends = [0] * _RING  # stream position just after what was last spliced from each buffer
+    for i in itertools.count():
+        k = i % _RING
+        if splice.AVAILABLE:
+            splice.wait_consumed(fd, sent[0], ends[k])
+        view = reader.read_into(ring[k])
+        if view is None:
+            return
+        if splice.AVAILABLE and view.obj is ring[k].obj:
+            sent[0] += splice.vmsplice_all(fd, view)
+        else:  # decoded into memory of its own: written (copied) like any other data
+            sent[0] += _write_all(fd, view)
+        ends[k] = sent[0]
+        del view
+
+
+def _close_source(content: Content) -> None:
     close = getattr(content, "close", None)
     if close is not None:
         with contextlib.suppress(Exception):

@@ -53,10 +53,20 @@ class ChunkBuffer:
     """A reusable read buffer for one thread; grows to at most one record."""
 
     def __init__(self, size: int = 1 << 20) -> None:
-        self._buf = bytearray(size)
+        self._buf: bytearray | memoryview = bytearray(size)
+        self._fixed = False
+
+    @classmethod
+    def over(cls, memory: memoryview) -> ChunkBuffer:
+        """Read into memory the caller owns (and splices from); a record too big for it gets its own."""
+        b = cls(0)
+        b._buf, b._fixed = memory, True
+        return b
 
     def view(self, n: int) -> memoryview:
         if len(self._buf) < n:
+            if self._fixed:
+                return memoryview(bytearray(n))
             self._buf = bytearray(n)
         return memoryview(self._buf)[:n]
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from hpcckpt.errors import CorruptImageError, UnreadableImageError
+from hpcckpt.image import format as F
 from hpcckpt.image.fetch import ChunkAt, ChunkBuffer, read_chunk
 from hpcckpt.image.model import ImageSummary, SectionInfo
 from hpcckpt.image.parent import ChunkSource, ResolveParent
@@ -45,8 +46,9 @@ BULK_FILE = 16 << 20
 # Chunks asked of the kernel ahead of the one being checked, so the disk reads while we hash.
 _READ_AHEAD = 4
 _SMALL_READ = 1 << 20
-
-Source = Callable[[str], Iterator[memoryview] | None]
+# A raw chunk's data follows the CHUNK fixed part in its record: read records this far into a
+# page-aligned buffer and the data itself starts on a page, so a spliced MiB takes 256 pipe slots.
+_PAD = -F.CHUNK.size % 4096
 
 
 def is_bulk(info: SectionInfo) -> bool:
@@ -73,12 +75,16 @@ class PreparedImage:
     def streamed_bytes(self) -> int:
         return sum(info.size for info, _ in self.deferred.values())
 
-    def open(self, name: str) -> Iterator[memoryview] | None:
-        """The checked content of file ``name`` of the image, or None if the image has no such file."""
+    def open(self, name: str) -> Iterator[memoryview] | SectionReader | None:
+        """The checked content of file ``name`` of the image, or None if the image has no such file.
+
+        A bulk section comes as a :class:`SectionReader` (chunks read into the
+        caller's buffers, or iterated), any other file as an iterator.
+        """
         if name not in self._names:
             return None
         if name in self.deferred:
-            return self._stream(name)
+            return SectionReader(self, name)
         return self._small(name)
 
     def _small(self, name: str) -> Iterator[memoryview]:
@@ -90,27 +96,18 @@ class PreparedImage:
         finally:
             os.close(fd)
 
-    def _stream(self, name: str) -> Iterator[memoryview]:
-        info, chunks = self.deferred[name]
-        buf = ChunkBuffer()
+    def _fetch(self, name: str, c: ChunkAt, buf: ChunkBuffer, done: int) -> memoryview:
         where = os.fspath(self.path)
-        done = 0
-        self._read_ahead(chunks[:_READ_AHEAD])
-        for i, c in enumerate(chunks):
-            self._read_ahead(chunks[i + _READ_AHEAD : i + _READ_AHEAD + 1])
-            if c.ref:
-                raw = self._parents.fetch(c.ref, c.digest, c.raw_len, buf)
-            else:
-                raw = read_chunk(self._fd, where, c.rec_offset, c.rec_index, c.digest, c.raw_len, buf,
-                                 checksum=c.checksum)
-            view = memoryview(raw)
-            if c.offset != done or view.nbytes != c.raw_len:  # prepare_image placed every chunk
-                raise CorruptImageError(f"section {name!r}: chunk at {c.offset} out of place", path=where,
-                                        offset=c.rec_offset)
-            done += view.nbytes
-            yield view
-        if done != info.size:
-            raise CorruptImageError(f"section {name!r} streamed {done} of {info.size} bytes", path=where)
+        if c.ref:
+            raw = self._parents.fetch(c.ref, c.digest, c.raw_len, buf)
+        else:
+            raw = read_chunk(self._fd, where, c.rec_offset, c.rec_index, c.digest, c.raw_len, buf,
+                             checksum=c.checksum)
+        view = memoryview(raw)
+        if c.offset != done or view.nbytes != c.raw_len:  # prepare_image placed every chunk
+            raise CorruptImageError(f"section {name!r}: chunk at {c.offset} out of place", path=where,
+                                    offset=c.rec_offset)
+        return view
 
     def _read_ahead(self, chunks: list[ChunkAt]) -> None:
         for c in chunks:
@@ -126,6 +123,51 @@ class PreparedImage:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fd = self._dest_fd = -1
+
+
+class SectionReader:
+    """One bulk section, chunk by chunk, each checked before it is returned.
+
+    :meth:`read_into` reads the next chunk into memory the caller owns (for
+    raw chunks the result is a view of that memory, which the image
+    streamer can splice into CRIU's pipe without a copy; a compressed chunk
+    decodes elsewhere). Iterating yields the same views from a buffer of
+    its own, each valid until the next.
+    """
+
+    def __init__(self, image: PreparedImage, name: str) -> None:
+        self._image = image
+        self.name = name
+        self._info, self._chunks = image.deferred[name]
+        self._next = 0
+        self._done = 0
+        # A raw chunk's record payload: the fixed part and the data (compressed data is stored only
+        # when smaller than the raw).
+        self.buffer_size = _PAD + F.CHUNK.size + max((c.raw_len for c in self._chunks), default=0)
+
+    def read_into(self, memory: memoryview) -> memoryview | None:
+        """The next chunk, checked (a view of ``memory`` or of a decoded copy); None after the last."""
+        i = self._next
+        if i == len(self._chunks):
+            if self._done != self._info.size:
+                raise CorruptImageError(f"section {self.name!r} streamed {self._done} of {self._info.size} bytes",
+                                        path=os.fspath(self._image.path))
+            return None
+        if i == 0:
+            self._image._read_ahead(self._chunks[:_READ_AHEAD])
+        self._image._read_ahead(self._chunks[i + _READ_AHEAD : i + _READ_AHEAD + 1])
+        view = self._image._fetch(self.name, self._chunks[i], ChunkBuffer.over(memory[_PAD:]), self._done)
+        self._next += 1
+        self._done += view.nbytes
+        return view
+
+    def __iter__(self) -> Iterator[memoryview]:
+        memory = memoryview(bytearray(self.buffer_size))
+        while (view := self.read_into(memory)) is not None:
+            yield view
+
+    def close(self) -> None:
+        pass
 
 
 def prepare_image(
