@@ -350,15 +350,21 @@ class Resumer:
             authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
                               namespaced=summary.meta.extra.get("userns") is True
                               and restore_needs_user_namespace(dest, euid=os.geteuid()))
-            if summary.meta.extra.get("cpuinfo"):
-                ok, why = cpu.answer(dest)
-                if not ok:
-                    raise IncompatibleError(f"this node's CPU lacks features the checkpointed job uses:\n{why}",
-                                            hint="resume it on a node with the same CPU model (or newer)")
-            for path, size, inode in plan.truncate:
-                hlog.event(_log, "resume.truncated", f"{path}: cut back to its checkpointed size {size}",
-                           path=path, size=size)
-                truncate_file(path, size, inode)
+            def last_checks() -> None:
+                # The CPU check (an exec of CRIU), then cutting grown files back: only once it passed.
+                if summary.meta.extra.get("cpuinfo"):
+                    ok, why = cpu.answer(dest)
+                    if not ok:
+                        raise IncompatibleError(
+                            f"this node's CPU lacks features the checkpointed job uses:\n{why}",
+                            hint="resume it on a node with the same CPU model (or newer)")
+                for path, size, inode in plan.truncate:
+                    hlog.event(_log, "resume.truncated", f"{path}: cut back to its checkpointed size {size}",
+                               path=path, size=size)
+                    truncate_file(path, size, inode)
+
+            if prepared is None:
+                last_checks()
             pipes = StdioPipes.create()
             stdio = summary.meta.extra.get("stdio") or {}
             inherit = {}
@@ -367,8 +373,11 @@ class Resumer:
                     if isinstance(stdio.get(job_fd), str):
                         inherit[ours] = str(stdio[job_fd])
             try:
+                # Streamed, CRIU starts while the CPU check runs: the streamer serves it nothing, not
+                # even its inventory, until last_checks() has passed (and CRIU fails if they do not).
                 res = self.engine.restore(dest, options=self.options, inherit_fds=inherit,
-                                          source=prepared.open if prepared is not None else None)
+                                          source=prepared.open if prepared is not None else None,
+                                          gate=last_checks if prepared is not None else None)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)

@@ -9,7 +9,7 @@ files, so that failure handling can be exercised without root.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -83,6 +83,7 @@ class CheckpointEngine(Protocol):
         inherit_fds: Mapping[int, str] | None = None,
         timeout: float | None = None,
         source: StreamSource | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> RestoreResult: ...
 
     def cpuinfo_dump(self, images_dir: Path) -> None: ...

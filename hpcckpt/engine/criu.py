@@ -45,7 +45,7 @@ import signal
 import struct
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,6 +378,7 @@ class Criu:
         inherit_fds: Mapping[int, str] | None = None,
         timeout: float | None = None,
         source: StreamSource | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> RestoreResult:
         """Restore the tree in ``images_dir`` as a child of this process; return its host pid.
 
@@ -389,6 +390,8 @@ class Criu:
         instead of from ``images_dir``, which then only holds the socket and
         CRIU's log. If the source fails (an image chunk that fails its
         checks), that error is raised, whatever CRIU made of its short read.
+        ``gate`` runs before CRIU is given its first image (while CRIU starts
+        up); if it raises, CRIU gets nothing and that error is raised.
         """
         log_name, pidfile = "restore.log", "restored.pid"
         with_pid = images_dir / pidfile
@@ -412,7 +415,7 @@ class Criu:
         streamer = None
         if source is not None:
             args.append("--stream")
-            streamer = ImageStreamer(images_dir, source).start()
+            streamer = ImageStreamer(images_dir, source, gate=gate).start()
         try:
             res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
         finally:

@@ -15,6 +15,9 @@ on a thread of its own. A file's content comes from a ``source`` callable
 (name -> iterator of buffers, or None when there is no such file); an error
 raised by the iterator (a chunk that fails its checks) closes that pipe, so
 CRIU fails the restore, and is reported by :meth:`ImageStreamer.close`.
+A ``gate`` runs once CRIU has connected and before it is answered at all:
+the last checks of a restore overlap CRIU's start-up, and if one fails,
+CRIU is given nothing.
 """
 
 from __future__ import annotations
@@ -140,9 +143,10 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 class ImageStreamer:
     """Serves ``source`` to one ``criu restore --stream -D images_dir``; start before CRIU, close after."""
 
-    def __init__(self, images_dir: Path, source: Source) -> None:
+    def __init__(self, images_dir: Path, source: Source, gate: Callable[[], None] | None = None) -> None:
         self.images_dir = images_dir
         self.source = source
+        self.gate = gate
         self.path = images_dir / SOCKET_NAME
         self._stop = threading.Event()
         self._pumps: list[threading.Thread] = []
@@ -180,6 +184,8 @@ class ImageStreamer:
                     continue
                 with conn:
                     conn.settimeout(None)
+                    if self.gate is not None:
+                        self.gate()  # raising closes the connection unanswered: criu fails
                     self._session(conn)
                 return  # one criu, one connection
         except BaseException as exc:  # reported by close(); criu sees the socket go

@@ -224,13 +224,26 @@ def _scan_records(fd: int, name: str, offset: int, index: int) -> Iterator[_Scan
 
 
 class _Image:
-    """One referenced image: its open file and the location of each stored chunk."""
+    """One referenced image: its open file and, filled in by a thread of its own, where each chunk is.
+
+    The header (which checkpoint, whose) is checked at once; the index of
+    stored chunks is built in the background by hopping over the records,
+    and :meth:`location` waits only until the chunk asked for has been seen.
+    A restore thus starts reading (or starts CRIU) while a parent of a
+    thousand chunks is still being indexed, instead of after.
+    """
 
     def __init__(self, ckptid: int, path: Path, child: ImageMeta, child_name: str) -> None:
         self.path = path
         self.name = os.fspath(path)
         self._ctx = _open(path)
         self.f = self._ctx.__enter__()
+        self.stored: dict[ChunkKey, tuple[int, int]] = {}
+        self._seen = threading.Condition()
+        self._done = False
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
         try:
             meta, scan = _scan(self.f, self.name)
             if meta.ckptid != ckptid:
@@ -244,18 +257,38 @@ class _Image:
                     path=self.name, offset=0, hint="an image may only refer to images of its own user",
                 )
             self.meta = meta
-            self.stored: dict[ChunkKey, tuple[int, int]] = {}
-            for item in scan:
-                if item.ref is None:
-                    self.stored.setdefault((item.digest, item.length), (item.rec_offset, item.rec_index))
+            self._thread = threading.Thread(target=self._index, args=(scan,), name="hpcckpt-parent-index",
+                                            daemon=True)
+            self._thread.start()
         except BaseException:
             self.close()
             raise
 
+    def _index(self, scan: Iterator[_Scanned]) -> None:
+        try:
+            for item in scan:
+                if self._stop:
+                    return
+                if item.ref is None:
+                    with self._seen:
+                        self.stored.setdefault((item.digest, item.length), (item.rec_offset, item.rec_index))
+                        self._seen.notify_all()
+        except BaseException as exc:  # handed to whoever looks a chunk up
+            self._error = exc
+        finally:
+            with self._seen:
+                self._done = True
+                self._seen.notify_all()
+
     def location(self, digest: bytes, length: int, child_name: str) -> tuple[int, int]:
         """(record offset, record index) of the stored chunk, or CorruptImageError when it is not here."""
-        where = self.stored.get((digest, length))
+        key = (digest, length)
+        with self._seen:
+            self._seen.wait_for(lambda: key in self.stored or self._done)
+            where = self.stored.get(key)
         if where is None:
+            if self._error is not None:
+                raise self._error
             raise CorruptImageError(
                 f"does not store the chunk ({length} bytes, hash {digest.hex()}) that {child_name} refers to",
                 path=self.name, hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)",
@@ -270,6 +303,9 @@ class _Image:
                           what="referenced chunk")
 
     def close(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join()  # it reads through our descriptor: never close that under it
         self._ctx.__exit__(None, None, None)
 
 
@@ -328,10 +364,15 @@ class ChunkSource:
             return img
 
     def check(self, ckptid: int, digest: bytes, length: int) -> None:
-        """That image ``ckptid`` stores the chunk, from its index alone (a streamed restore's first pass)."""
+        """Open image ``ckptid`` (checking whose and which it is) for a chunk fetched later.
+
+        Whether it stores the chunk is known once its index reaches it;
+        :meth:`fetch` waits for that and raises if not, so a streamed restore
+        does not wait here for the index of a whole parent before CRIU starts.
+        """
         self.parents.add(ckptid)
         self.ref_bytes += length
-        self._image(ckptid).location(digest, length, self._child_name)
+        self._image(ckptid)
 
     def advise(self, ckptid: int, digest: bytes, length: int) -> None:
         """Ask the kernel to start reading a chunk that will be fetched soon."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -106,7 +106,8 @@ class FailingEngine:
         raise EngineError("criu dump of pid 1 failed (exit 1)", log_excerpt="Error (x.c:1): cannot seize")
 
     def restore(self, images_dir: Path, *, options: DumpOptions, inherit_fds: Mapping[int, str] | None = None,
-                timeout: float | None = None, source: StreamSource | None = None) -> RestoreResult:
+                timeout: float | None = None, source: StreamSource | None = None,
+                gate: Callable[[], None] | None = None) -> RestoreResult:
         raise AssertionError("not used")
 
     def cpuinfo_dump(self, images_dir: Path) -> None:

@@ -141,7 +141,9 @@ def test_damage_outside_page_data_is_refused_before_anything_is_served(
     assert not dest.exists()  # nothing left behind
 
 
-def test_a_missing_parent_or_chunk_is_refused_before_anything_is_served(chain: Chain, tmp_path: Path) -> None:
+def test_a_missing_parent_is_refused_up_front_and_a_missing_chunk_stops_the_stream(
+    chain: Chain, tmp_path: Path
+) -> None:
     s1 = chain.pack(1, None)
     chain.pack(2, s1.index)
     # a parent that lacks what the child refers to: another image packed under the same ckptid
@@ -154,12 +156,19 @@ def test_a_missing_parent_or_chunk_is_refused_before_anything_is_served(chain: C
 
     with open(other, "wb") as f:
         pack_dir(chain.src, f, meta(1), chunk_size=MiB)
-    with pytest.raises(CorruptImageError, match="does not store the chunk"):
-        prepare_image(chain.path(2), tmp_path / "d1", lambda c: other)
+    # The parent's index is built while the restore goes on: the first chunk it lacks ends the stream
+    # (CRIU then fails before any restored task runs), not a byte of anything else is served.
+    p = prepare_image(chain.path(2), tmp_path / "d1", lambda c: other)
+    try:
+        with pytest.raises(CorruptImageError, match="does not store the chunk") as exc:
+            content(p, "pages-1.img")
+        assert str(other) in str(exc.value)
+    finally:
+        p.close()
     chain.path(1).unlink()
     with pytest.raises(UnreadableImageError, match="missing"):
         prepare_image(chain.path(2), tmp_path / "d2", chain.path)
-    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+    assert not (tmp_path / "d2").exists()
 
 
 # --- the image-streamer protocol, with a client that does what CRIU does ---------------------------
@@ -384,3 +393,40 @@ def test_section_reader_reads_into_the_callers_memory_page_aligned(chain: Chain,
         assert bytes(out) == bytes(chain.mem)
     finally:
         p.close()
+
+
+def test_a_failing_gate_gives_criu_nothing(tmp_path: Path) -> None:
+    from hpcckpt.errors import IncompatibleError
+
+    asked: list[str] = []
+
+    def gate() -> None:
+        raise IncompatibleError("this node's CPU lacks features the checkpointed job uses")
+
+    def source(name: str) -> Iterator[memoryview]:
+        asked.append(name)
+        return iter([memoryview(b"inventory")])
+
+    s = ImageStreamer(tmp_path, source, gate=gate).start()
+    criu = FakeCriu(tmp_path)
+    with pytest.raises((AssertionError, ConnectionResetError)):  # closed before any reply: criu fails
+        criu.open("inventory.img")
+    criu.close()
+    err = s.close()
+    assert isinstance(err, IncompatibleError) and asked == []
+
+
+def test_a_passing_gate_runs_once_before_the_first_answer(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    def source(name: str) -> Iterator[memoryview]:
+        order.append(name)
+        return iter([memoryview(b"x")])
+
+    s = ImageStreamer(tmp_path, source, gate=lambda: order.append("gate")).start()
+    criu = FakeCriu(tmp_path)
+    for name in ("inventory.img", "pstree.img"):
+        fd = criu.open(name)
+        assert fd is not None and read_all(fd) == b"x"
+    criu.close()
+    assert s.close() is None and order == ["gate", "inventory.img", "pstree.img"]
