@@ -57,8 +57,8 @@ class DeferringSink(Sink, Protocol):
     """A sink that takes some sections' chunks as locations, to fetch and check them later itself.
 
     For such a section the walker reads no chunk data: each chunk's
-    :class:`ChunkAt` goes to :meth:`later`, and the parents' indexes are
-    checked to hold every referenced chunk. Everything else (structure,
+    :class:`ChunkAt` goes to :meth:`later`, and each parent referred to is
+    opened and checked to be the right image. Everything else (structure,
     small records, the trailer digest over every record header) is checked
     as in a full walk.
     """

@@ -10,11 +10,13 @@ the job's memory. Here the image is checked in two steps instead:
    each header carries its payload's checksum), every small record, and
    every section except the bulk ones, which it writes to ``dest`` for the
    restore's own checks (owner, ids, CPU, open files). Of a bulk section it
-   keeps only where each chunk lies; every chunk an incremental image takes
-   from a parent must be in that parent's index.
+   keeps only where each chunk lies; each parent an incremental image
+   refers to is opened and must be this user's checkpoint of that id, and
+   its chunk index is built in the background while the restore goes on.
 2. :meth:`PreparedImage.open` then hands CRIU a bulk section as a stream of
    chunks, each read back and checked (record checksum against the header
-   the trailer covered, codec, content hash) before its first byte is
+   the trailer covered, codec, content hash; a parent's chunk by the content
+   hash the child's checked reference names) before its first byte is
    passed on. A chunk that fails stops the stream: CRIU sees its pipe end,
    fails the restore before any restored task runs, and the caller reports
    the image error and falls back to an older checkpoint.

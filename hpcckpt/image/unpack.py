@@ -296,8 +296,9 @@ def unpack_deferring(
     Returns the summary, each deferred section's chunk locations, and the
     image's parents, open, to fetch referenced chunks from (close them).
     The trailer digest, every small record and every other section are
-    checked before this returns, and the parents' indexes hold every chunk
-    referenced; each deferred chunk's own data is checked when fetched.
+    checked before this returns, and every parent referred to is open and
+    checked to be the right checkpoint of the right user; each deferred
+    chunk (and whether a parent holds it) is checked when fetched.
     """
     summary, deferred, refs = _unpack(src, dest, resolve_parent, on_verified=on_verified, defer=defer)
     assert refs is not None
