@@ -37,7 +37,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
@@ -400,7 +399,3 @@ class Resumer:
                         fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind,
                         streamed=prepared is not None)
 
-
-def describe(restored: Restored) -> dict[str, Any]:
-    return {"job_id": restored.record.job_id, "ckptid": restored.ckptid, "pid": restored.pid,
-            "fallbacks": restored.fallbacks, "restore_s": round(restored.restore_s, 3)}
