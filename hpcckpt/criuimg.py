@@ -295,6 +295,35 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     raise _Corrupt("varint longer than 10 bytes", pos)
 
 
+def string_field(buf: bytes, number: int) -> str | None:
+    """The last value of string field ``number`` of one protobuf message; ValueError if malformed.
+
+    For the one-field messages CRIU sends outside its images (the image
+    streamer's file requests).
+    """
+    pos, end, found = 0, len(buf), None
+    try:
+        while pos < end:
+            key, pos = _varint(buf, pos, end)
+            num, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(buf, pos, end)
+            elif wire == 2:
+                length, pos = _varint(buf, pos, end)
+                if length > end - pos:
+                    raise _Corrupt(f"field {num} claims {length} bytes, only {end - pos} left", pos)
+                if num == number:
+                    found = buf[pos : pos + length].decode("utf-8", "surrogateescape")
+                pos += length
+            elif wire in (1, 5) and end - pos >= (8 if wire == 1 else 4):
+                pos += 8 if wire == 1 else 4
+            else:
+                raise _Corrupt(f"field {num}: wire type {wire} unexpected or truncated", pos)
+    except _Corrupt as exc:
+        raise ValueError(f"{exc} at byte {exc.pos}") from exc
+    return found
+
+
 def _walk(buf: bytes, pos: int, end: int, msg: Msg, depth: int, out: list[tuple[str, int]]) -> dict[int, int]:
     """Append the ``(kind, id)`` pairs of ``msg`` in ``buf[pos:end]`` to ``out``.
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from hpcckpt import log as hlog
+from hpcckpt.criuimg import string_field
 from hpcckpt.engine import splice
 from hpcckpt.errors import EngineError
 
@@ -69,37 +70,9 @@ Source = Callable[[str], Content | None]
 _RING = 3
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
 def parse_request(msg: bytes) -> str:
     """The file name of an ``img_streamer_request_entry`` (``required string filename = 1``)."""
-    i = 0
-    name: str | None = None
-    while i < len(msg):
-        key, i = _varint(msg, i)
-        field, wire = key >> 3, key & 7
-        if wire == 2:
-            n, i = _varint(msg, i)
-            if i + n > len(msg):
-                raise ValueError("truncated field")
-            if field == 1:
-                name = msg[i : i + n].decode("utf-8", "surrogateescape")
-            i += n
-        elif wire == 0:
-            _, i = _varint(msg, i)
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
+    name = string_field(msg, 1)
     if name is None:
         raise ValueError("request without a file name")
     return name
@@ -109,23 +82,6 @@ def reply(exists: bool) -> bytes:
     """An ``img_streamer_reply_entry`` (``required bool exists = 1``), length-prefixed."""
     body = b"\x08" + (b"\x01" if exists else b"\x00")
     return _LEN.pack(len(body)) + body
-
-
-def request(name: str) -> bytes:
-    """What CRIU sends for ``name`` (used by tests that play CRIU's side)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    body = b"\x0a" + _encode_varint(len(raw)) + raw
-    return _LEN.pack(len(body)) + body
-
-
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.engine.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply, request
+from hpcckpt.engine.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply
 from hpcckpt.errors import CorruptImageError, EngineError, UnreadableImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
 from tests.pipeline.test_incremental import Chain
+from tests.security import pbcraft
 
 MiB = 1 << 20
 
@@ -174,6 +175,12 @@ def test_a_missing_parent_is_refused_up_front_and_a_missing_chunk_stops_the_stre
 # --- the image-streamer protocol, with a client that does what CRIU does ---------------------------
 
 
+def request(name: str) -> bytes:
+    """What criu sends for ``name``: an img_streamer_request_entry, length first."""
+    body = pbcraft.fb(1, name.encode())
+    return struct.pack("<I", len(body)) + body
+
+
 class FakeCriu:
     """criu/img-streamer.c's side: connect, request a file, read the reply, hand over a pipe's write end."""
 
@@ -216,7 +223,9 @@ def test_protocol_messages_roundtrip() -> None:
     assert parse_request(request("pages-1.img")[4:]) == "pages-1.img"
     assert reply(True) == b"\x02\x00\x00\x00\x08\x01" and reply(False)[-1] == 0
     with pytest.raises(ValueError):
-        parse_request(b"\x0a\x05ab")
+        parse_request(b"\x0a\x05ab")  # claims 5 bytes, has 2
+    with pytest.raises(ValueError):
+        parse_request(pbcraft.fv(2, 7))  # no file name
 
 
 def test_streamer_serves_files_concurrently_and_says_what_is_missing(tmp_path: Path) -> None:
