@@ -348,7 +348,9 @@ class Checkpointer:
             # The tree and its open files are read while the job still runs; only their sizes must be the
             # sizes at the freeze, and those come from CRIU's images below, after the job runs again.
             snap = procinfo.snapshot(pid)
-            predumped = self._pre_dump(pid, staged.path, deadline)
+            # A final checkpoint (the job stops anyway, often within a grace time) wants the least total
+            # time, not the shortest freeze: no pre-dump.
+            predumped = None if final else self._pre_dump(pid, staged.path, deadline)
             t_freeze = time.monotonic()
             try:
                 # A final checkpoint's tree must not run on past its image: it stays stopped until the commit.

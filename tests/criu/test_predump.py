@@ -81,6 +81,18 @@ def test_the_predump_becomes_the_images_parent_directory(tmp_path: Path) -> None
     assert engine.calls[2:] == ["pre-dump", "tracked dump"]
 
 
+def test_a_final_checkpoint_does_not_predump(tmp_path: Path) -> None:
+    engine = PreDumping()
+    ck = with_predump(tmp_path, engine)
+    taken = ck.stage(os.getpid(), final=False)
+    taken.staged.remove()
+    assert engine.calls == ["pre-dump", "tracked dump"]
+    engine.calls.clear()
+    taken = ck.stage(os.getpid(), final=True)  # (a fake engine: nothing is stopped)
+    taken.staged.remove()
+    assert engine.calls == ["dump"] and ck.predump.enabled
+
+
 @pytest.mark.parametrize("fail", ["predump", "tracked"])
 def test_a_failing_predump_falls_back_to_a_plain_dump_and_stays_off(tmp_path: Path, fail: str) -> None:
     engine = PreDumping(fail_predump=fail == "predump", fail_tracked=fail == "tracked")
