@@ -6,7 +6,7 @@ references to our pages, so the only copy is CRIU's read: measured here,
 1 GiB through a pipe into fresh memory at 1.36 GiB/s with write(2) and 1.85
 GiB/s with vmsplice(2). The price is a rule: the spliced bytes must not
 change until the reader has consumed them, so a buffer is refilled only
-once :func:`consumed` has passed the end of what was spliced from it (pages
+once :func:`wait_consumed` says CRIU read past what was spliced from it (pages
 stay alive in the pipe by reference even if the buffer is unmapped, so
 freeing is always safe; only writing is not).
 
