@@ -42,6 +42,9 @@ def env_for(store: Path, job_id: str) -> dict[str, str]:
         HPCCKPT_LOG_FORMAT="json",
         PYTHONPATH=str(REPO),
         OMPI_MCA_rmaps_base_oversubscribe="1",
+        # Ranks killed with SIGKILL never remove their shared-memory segments: keep them in the test's
+        # own directory, not in /dev/shm where every run would leave 16 MiB behind.
+        OMPI_MCA_btl_vader_backing_directory=str(store.parent),
     )
     return env
 
