@@ -418,7 +418,9 @@ def test_a_failing_gate_gives_criu_nothing(tmp_path: Path) -> None:
 
     s = ImageStreamer(tmp_path, source, gate=gate).start()
     criu = FakeCriu(tmp_path)
-    with pytest.raises((AssertionError, ConnectionResetError)):  # closed before any reply: criu fails
+    # Closed before any reply: criu fails. How criu sees it depends on timing: an end of stream, a reset,
+    # or a broken pipe if the close came before its request went out.
+    with pytest.raises((AssertionError, ConnectionError)):
         criu.open("inventory.img")
     criu.close()
     err = s.close()
