@@ -180,6 +180,13 @@ def explain_failure(excerpt: str, *, euid: int) -> str | None:
     return None
 
 
+def _refused(what: str, res: Completed, log_path: Path, euid: int, otherwise: str) -> EngineError:
+    """CRIU ran and failed: its log's relevant lines, and the known cause's hint or ``otherwise``."""
+    excerpt = log_excerpt(log_path) or res.err.strip()
+    return EngineError(f"{what} failed (exit {res.rc}); log: {log_path}", log_excerpt=excerpt,
+                       hint=explain_failure(excerpt, euid=euid) or otherwise)
+
+
 def _clean(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if not any(n in ln for n in _NOISE))
 
@@ -359,13 +366,8 @@ class Criu:
         res = self._run(args, timeout=timeout, what=f"criu {action} of pid {pid}", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
-            excerpt = log_excerpt(log_path) or res.err.strip()
-            raise EngineError(
-                f"criu {action} of pid {pid} failed (exit {res.rc}); log: {log_path}",
-                log_excerpt=excerpt,
-                hint=explain_failure(excerpt, euid=euid)
-                or "the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node",
-            )
+            raise _refused(f"criu {action} of pid {pid}", res, log_path, euid,
+                           "the job goes on running; see the log excerpt, and 'hpcckpt doctor' for this node")
         hlog.event(_log, f"criu.{action.replace('-', '')}ed", f"{action} of pid {pid} done", 10, pid=pid,
                    seconds=round(res.seconds, 3))
         return DumpResult(frozen_s=res.seconds, log_path=log_path, images_dir=images_dir)
@@ -428,13 +430,8 @@ class Criu:
                 raise failed
             raise EngineError(f"serving the images to criu failed: {failed}", log_excerpt=log_excerpt(log_path))
         if res.rc != 0:
-            excerpt = log_excerpt(log_path) or res.err.strip()
-            raise EngineError(
-                f"criu restore from {images_dir} failed (exit {res.rc}); log: {log_path}",
-                log_excerpt=excerpt,
-                hint=explain_failure(excerpt, euid=euid)
-                or "try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'",
-            )
+            raise _refused(f"criu restore from {images_dir}", res, log_path, euid,
+                           "try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'")
         try:
             pid = int(with_pid.read_text().strip())
         except (OSError, ValueError) as exc:
