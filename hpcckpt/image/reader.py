@@ -301,26 +301,25 @@ class _Walker:
         if num != len(self.sections) or r1 or r2 or codec not in F.CODEC_NAMES:
             raise self.r.corrupt(f"chunk header invalid (section {num}, codec {codec})", rec=rec)
         self._place(rec, cur, offset, raw_len)
-        if rec.skipped:
+        if rec.skipped:  # its data is checked when the sink fetches it
             assert self.deferrer is not None
             self.deferrer.later(ChunkAt(offset, raw_len, bytes(digest), rec_offset=rec.offset, rec_index=rec.index,
                                     checksum=rec.checksum))
-            self.offset += raw_len
-            self.chunks += 1
-            cur.stored += rec.skipped
-            return
-        stored = p[F.CHUNK.size :]
-        try:
-            raw = decompress(codec, stored, raw_len)
-        except CodecError as exc:
-            raise self.r.corrupt(str(exc), rec=rec) from exc
-        if xxhash.xxh3_128_digest(raw) != digest:
-            raise self.r.corrupt("chunk content hash mismatch after decoding", rec=rec)
-        self.sink.data(offset, raw)
-        self.stored.add((bytes(digest), raw_len))
+            stored_bytes = rec.skipped
+        else:
+            stored = p[F.CHUNK.size :]
+            try:
+                raw = decompress(codec, stored, raw_len)
+            except CodecError as exc:
+                raise self.r.corrupt(str(exc), rec=rec) from exc
+            if xxhash.xxh3_128_digest(raw) != digest:
+                raise self.r.corrupt("chunk content hash mismatch after decoding", rec=rec)
+            self.sink.data(offset, raw)
+            self.stored.add((bytes(digest), raw_len))
+            stored_bytes = stored.nbytes
         self.offset += raw_len
         self.chunks += 1
-        cur.stored += stored.nbytes
+        cur.stored += stored_bytes
 
     def end(self, rec: Record) -> None:
         cur = self.cur
