@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
@@ -180,27 +181,25 @@ def catalog_refs(catalog: Catalog) -> Lookup:
     return lookup
 
 
-def raw_size_estimate(image: Path) -> int:
-    """Bytes an unpacked image will take, from its header alone (no full read).
+class HeaderFacts(NamedTuple):
+    unpacked_bytes: int  # what unpacking the image takes (0 when its header cannot be read)
+    predumped: bool  # it holds a CRIU pre-dump as parent/, which criu restore --stream cannot read
+
+
+def header_facts(image: Path) -> HeaderFacts:
+    """What the restore plans by, from the image's header alone (no full read).
 
     An incremental file is small but unpacks to its whole chain's memory, so
-    the chain's full image counts too; images compress up to about 2:1.
+    the chain's full image counts too; images compress up to about 2:1. An
+    unreadable header gives zeros: the unpack that follows says what is wrong.
     """
     try:
         size = image.stat().st_size
         meta = read_header(image)
     except (OSError, ImageError):
-        return 0
+        return HeaderFacts(0, False)
     base = chain_info(meta, str(image)).get("base_bytes", 0) if meta.parent_ckptid else 0
-    return 2 * (size + base)
-
-
-def _predumped(image: Path) -> bool:
-    """Whether the image holds a CRIU pre-dump as ``parent/``, which ``criu restore --stream`` cannot read."""
-    try:
-        return read_header(image).extra.get("predump") is True
-    except (OSError, ImageError):
-        return False  # the unpack that follows says what is wrong with it
+    return HeaderFacts(2 * (size + base), meta.extra.get("predump") is True)
 
 
 class EarlyCpuCheck:
@@ -315,8 +314,8 @@ class Resumer:
 
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
-        need = raw_size_estimate(image)
-        stream = self.stream and not _predumped(image)
+        need, predumped = header_facts(image)
+        stream = self.stream and not predumped
         if stream:
             need = min(need, STREAM_STAGING)  # only the small files are unpacked; the memory is streamed
         choice = choose_staging(self.user, rec.job_id, need, disk_root=self.disk_staging, tmpfs=self.tmpfs)

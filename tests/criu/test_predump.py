@@ -20,7 +20,7 @@ from hpcckpt.engine.base import DumpOptions, DumpResult
 from hpcckpt.errors import EngineError
 from hpcckpt.image import unpack_image, verify_image
 from hpcckpt.pipeline.predump import PreDumpEngine, PreDumpPlan
-from hpcckpt.resume import _predumped
+from hpcckpt.resume import header_facts
 from tests.criu.test_units import FileEngine, make
 
 MEMORY = os.urandom(64 << 10)
@@ -68,7 +68,7 @@ def test_the_predump_becomes_the_images_parent_directory(tmp_path: Path) -> None
     res = ck.checkpoint(os.getpid())
     assert engine.calls == ["pre-dump", "tracked dump"]
     summary = verify_image(res.path)
-    assert summary.meta.extra["predump"] is True and _predumped(res.path)
+    assert summary.meta.extra["predump"] is True and header_facts(res.path).predumped
     out = tmp_path / "out"
     unpack_image(res.path, out)
     # a real directory where CRIU left its link: CRIU opens either as the parent images
@@ -104,7 +104,7 @@ def test_a_failing_predump_falls_back_to_a_plain_dump_and_stays_off(tmp_path: Pa
     out = tmp_path / "out"
     unpack_image(res.path, out)
     assert sorted(os.listdir(out)) == ["pages-1.img"] and (out / "pages-1.img").read_bytes() == MEMORY
-    assert "predump" not in verify_image(res.path).meta.extra and not _predumped(res.path)
+    assert "predump" not in verify_image(res.path).meta.extra and not header_facts(res.path).predumped
     ck.checkpoint(os.getpid())
     assert engine.calls[len(first):] == ["dump"]
     assert ck.catalog.latest("unit") is not None
