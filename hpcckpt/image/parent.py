@@ -374,14 +374,6 @@ class ChunkSource:
         self.ref_bytes += length
         self._image(ckptid)
 
-    def advise(self, ckptid: int, digest: bytes, length: int) -> None:
-        """Ask the kernel to start reading a chunk that will be fetched soon."""
-        img = self._image(ckptid)
-        where = img.stored.get((digest, length))
-        if where is not None:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(img.f.fileno(), where[0], length + 4096, os.POSIX_FADV_WILLNEED)
-
     def fetch(self, ckptid: int, digest: bytes, length: int, buf: ChunkBuffer | None = None
               ) -> bytes | memoryview:
         """The chunk's bytes, checked, into ``buf``; safe to call from several threads."""

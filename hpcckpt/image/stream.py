@@ -45,8 +45,6 @@ PAGE_FILES = ("pages-*.img",)
 # Any other file this large is streamed too (a ghost file, a tmpfs archive); the restore's own
 # checks read only small metadata files.
 BULK_FILE = 16 << 20
-# Chunks asked of the kernel ahead of the one being checked, so the disk reads while we hash.
-_READ_AHEAD = 4
 _SMALL_READ = 1 << 20
 # A raw chunk's data follows the CHUNK fixed part in its record: read records this far into a
 # page-aligned buffer and the data itself starts on a page, so a spliced MiB takes 256 pipe slots.
@@ -111,14 +109,6 @@ class PreparedImage:
                                     offset=c.rec_offset)
         return view
 
-    def _read_ahead(self, chunks: list[ChunkAt]) -> None:
-        for c in chunks:
-            if c.ref:
-                self._parents.advise(c.ref, c.digest, c.raw_len)
-            else:
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(self._fd, c.rec_offset, c.raw_len + 4096, os.POSIX_FADV_WILLNEED)
-
     def close(self) -> None:
         self._parents.close()
         for fd in (self._fd, self._dest_fd):
@@ -155,9 +145,6 @@ class SectionReader:
                 raise CorruptImageError(f"section {self.name!r} streamed {self._done} of {self._info.size} bytes",
                                         path=os.fspath(self._image.path))
             return None
-        if i == 0:
-            self._image._read_ahead(self._chunks[:_READ_AHEAD])
-        self._image._read_ahead(self._chunks[i + _READ_AHEAD : i + _READ_AHEAD + 1])
         view = self._image._fetch(self.name, self._chunks[i], ChunkBuffer.over(memory[_PAD:]), self._done)
         self._next += 1
         self._done += view.nbytes
