@@ -187,6 +187,14 @@ def test_restart_with_fewer_ranks_is_refused_clearly(tmp_path: Path) -> None:
     assert "restart with 4 ranks" in proc.stderr
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler installed for ``sig`` (the SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_preemption_signal_to_one_rank_stops_all_after_a_checkpoint(tmp_path: Path) -> None:
     store = tmp_path / "store"
     job = "preempt"
@@ -197,7 +205,8 @@ def test_preemption_signal_to_one_rank_stops_all_after_a_checkpoint(tmp_path: Pa
     )
     try:
         victim = wait_until(lambda: rank_pid(proc, 3), 60, "rank 3's pid")
-        time.sleep(1.0)  # let it import and install its handlers
+        # Until its handler is installed, SIGUSR1 would simply kill it (seen under load with a fixed sleep).
+        wait_until(lambda: catches(victim, signal.SIGUSR1), 60, "rank 3's SIGUSR1 handler")
         os.kill(victim, signal.SIGUSR1)  # only rank 3 hears it
         out, err = proc.communicate(timeout=120)
     finally:
