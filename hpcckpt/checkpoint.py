@@ -94,6 +94,8 @@ class JobInfo:
     interval: dict[str, Any] | None
     policy_digest: str = ""
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    # The job's own temporary directories (hpcckpt.runner.scratch), made again before it is restored.
+    scratch: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -312,7 +314,7 @@ class Checkpointer:
             created=time.time(),
             extra={"stdio": dict(self.job.stdio),
                    "interval": dict(self.job.interval) if self.job.interval else None,
-                   "cpuinfo": True, "root_host_pid": pid,
+                   "cpuinfo": True, "root_host_pid": pid, "scratch": list(self.job.scratch),
                    # Its ids are then those of the job's own user namespace (0 = the owner).
                    "userns": needs_user_namespace()},
         )

@@ -38,7 +38,7 @@ from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import Criu
-from hpcckpt.errors import HpcckptError, NotFoundError, UsageError
+from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, NotFoundError, StoreError, UsageError
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
 from hpcckpt.pipeline.compress import compression_workers
@@ -49,6 +49,7 @@ from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
 from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
+from hpcckpt.runner import scratch
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
 from hpcckpt.runner.network import HOST, JobNetwork
@@ -208,7 +209,16 @@ def _resumer(env: Environment) -> Resumer:
 def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
     restored = _resumer(env).resume(job_id, ckptid)
     env.network.after_restore(restored.pid, restored.summary.meta.extra)
+    try:
+        scratch.prepare(env.user, _scratch_of(restored))
+    except StoreError as err:  # the job runs already; it may not even use them
+        hlog.event(_log, "runner.scratch_failed", str(err), 30)
     return restored
+
+
+def _scratch_of(restored: Restored) -> list[str]:
+    paths = restored.summary.meta.extra.get("scratch")
+    return [str(p) for p in paths] if isinstance(paths, list) else []
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
@@ -265,14 +275,19 @@ def run_job(
         if restored is not None:
             meta = restored.summary.meta
             job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                          stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest())
+                          stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest(),
+                          scratch=_scratch_of(restored))
             runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored),
                              publisher=publisher)
             runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
         else:
+            own_tmp = scratch.scratch_env(env.user, ident.job_id, job_env)
+            scratch.prepare(env.user, own_tmp.values())
+            job_env.update(own_tmp)
             pipes = StdioPipes.create()
             job = JobInfo(identity=ident, user=env.user, cmdline=list(argv), cwd=os.getcwd(),
-                          stdio=dict(pipes.resources), interval={}, policy_digest=env.policy.digest())
+                          stdio=dict(pipes.resources), interval={}, policy_digest=env.policy.digest(),
+                          scratch=list(own_tmp.values()))
             runner = _runner(env, opts, ident, job, signals, publisher=publisher)
             try:
                 pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes,
@@ -311,7 +326,8 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
         sys.stderr.write(f"hpcckpt: job {job_id} resumed from checkpoint {restored.ckptid}\n")
         sys.stderr.flush()
         job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
-                      stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest())
+                      stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest(),
+                      scratch=_scratch_of(restored))
         runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored), publisher=publisher)
         runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
     except BaseException:
@@ -330,7 +346,10 @@ def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Seque
 
 def _drive(runner: Runner, env: Environment) -> int:
     try:
-        return runner.loop()
+        rc = runner.loop()
+        if rc != EXIT_REQUEUE:  # ended for good; a job stopped for a requeue may be restored here
+            scratch.remove(env.user, runner.ckpt.job.scratch)
+        return rc
     finally:
         env.network.close()
         runner.restore_signals()

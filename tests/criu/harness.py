@@ -58,8 +58,10 @@ class Cmd:
 def hpcckpt(args: Sequence[str], workdir: Path, tag: str, store: Path, extra_env: dict[str, str] | None = None
             ) -> Cmd:
     out, err = workdir / f"{tag}.out", workdir / f"{tag}.err"
+    # The job's own temporary directories (hpcckpt.runner.scratch) go below the test's directory.
     env = dict(os.environ, HPCCKPT_LOG_FORMAT="json", HPCCKPT_STORE=str(store),
-               HPCCKPT_STAGING=str(workdir / "staging"), PYTHONPATH=str(REPO))
+               HPCCKPT_STAGING=str(workdir / "staging"), PYTHONPATH=str(REPO), TMPDIR=str(workdir),
+               OMPI_MCA_btl_vader_backing_directory=str(workdir))
     for k in [k for k in env if k.startswith("SLURM_")]:
         del env[k]
     env.update(extra_env or {})
