@@ -232,7 +232,8 @@ def explain_failure(excerpt: str, *, euid: int) -> str | None:
     return None
 
 
-_ERROR_PREFIX = re.compile(r"^\s*(\(\s*[\d.]+\)\s*)?(pie: \d+: )?Error \([^)]*\):\s*")
+# "(00.012) Error (criu/x.c:1): ...", "     1: Error (...): ..." (a restored task's line), "pie: 1: Error ..."
+_ERROR_PREFIX = re.compile(r"^\s*(\(\s*[\d.]+\)\s*)?(\d+:\s*)?(pie: \d+: )?Error \([^)]*\):\s*")
 
 
 def first_error(excerpt: str) -> str:

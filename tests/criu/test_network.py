@@ -134,3 +134,41 @@ def test_outside_connection_skips_checkpoints_when_policy_says_so(
     assert committed(run) == 0
     assert run.proc.poll() is None, "the job must go on running"
     kill_everything(run, pid)
+
+
+def test_first_error_is_criu_own_first_error_line() -> None:
+    from hpcckpt.engine.criu import first_error
+
+    log = ("(00.001) Warn (criu/kerndat.c:1): something harmless\n"
+           "(00.012) Error (criu/sk-inet.c:886): inet: Can't bind inet socket (id 17): Address already in use\n"
+           "(00.013) Error (criu/cr-restore.c:2001): Restoring FAILED.\n")
+    task_line = "     1: Error (criu/files.c:1221): Unable to open fd=3 id=0xc\n"
+    assert first_error(task_line) == "Unable to open fd=3 id=0xc"
+    assert first_error(log) == "inet: Can't bind inet socket (id 17): Address already in use"
+    assert first_error("no errors here\n") == ""
+
+
+@pytest.mark.criu
+def test_failed_restore_names_criu_cause_not_a_pipe_error(work: Path) -> None:
+    """On the node's own network, a port taken since the checkpoint makes CRIU fail; the message says so."""
+    pol = work / "host.yaml"
+    pol.write_text("job:\n  network: host\n")
+    port = 7791
+    run = hpcckpt(["run", "--policy", str(pol), "--job-id", "net-host", "--interval", "1", "--", sys.executable,
+                   PAIR, str(port), "100000", "0.05"], work, "run", work / "store")
+    pid = job_pid("net-host")
+    wait_for(lambda: committed(run) >= 1, 60, "a checkpoint")
+    kill_everything(run, pid)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    try:
+        res = hpcckpt(["resume", "net-host"], work, "resume", work / "store")
+        assert res.wait(60) != 0
+        err = res.err.read_text()
+        headline = next(ln for ln in err.splitlines() if ln.startswith("hpcckpt: error:"))
+        assert "Address already in use" in headline, err[-2000:]
+        assert "Connection reset" not in headline and "serving the images" not in headline
+        assert "log: " not in headline
+    finally:
+        squatter.close()
