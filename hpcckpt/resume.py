@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import Catalog, CkptRecord
+from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User, node_name
 from hpcckpt.criuimg import RecordedPath, recorded_paths
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
@@ -328,7 +328,8 @@ class Resumer:
                 raise NotFoundError(f"job {job_id} has no checkpoint {ckptid}",
                                     hint=f"see 'hpcckpt list {job_id}'")
             if rec.status != "committed":
-                raise NotFoundError(f"checkpoint {ckptid} of job {job_id} is {rec.status}, not committed")
+                why = f" ({rec.error.splitlines()[0]})" if rec.error else ""
+                raise NotFoundError(f"checkpoint {ckptid} of job {job_id} is {rec.status}{why}, not committed")
             return [rec]
         recs = self.catalog.committed(job_id, uid=None if self.user.is_root else self.user.uid)
         if not recs:
@@ -339,7 +340,10 @@ class Resumer:
     def resume(self, job_id: str, ckptid: int | None = None) -> Restored:
         fallbacks: list[str] = []
         last: HpcckptError | None = None
-        for rec in self.candidates(job_id, ckptid):
+        candidates = self.candidates(job_id, ckptid)
+        if ckptid is None:
+            fallbacks += self._skipped(job_id, candidates[0].ckptid)
+        for rec in candidates:
             try:
                 restored = self._try(rec)
             except (ImageError, EngineError) as err:
@@ -358,6 +362,19 @@ class Resumer:
         if len(fallbacks) > 1:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
+
+    def _skipped(self, job_id: str, newest: int) -> list[str]:
+        """Newer images of the job than ``newest`` that were found corrupt before: said, not tried."""
+        try:
+            rows = self.catalog.list(job_id, uid=None if self.user.is_root else self.user.uid)
+        except HpcckptError:
+            return []
+        out = []
+        for r in rows:
+            if r.ckptid > newest and r.status is Status.CORRUPT:
+                why = r.error.splitlines()[0] if r.error else "no reason recorded"
+                out.append(f"checkpoint {r.ckptid} of job {job_id} is marked corrupt ({why}); skipped")
+        return out
 
     def _mark_corrupt(self, rec: CkptRecord, err: HpcckptError) -> int | None:
         """Mark the image an error proves bad (``rec``, or the parent it names) corrupt; its ckptid, if marked.
