@@ -44,7 +44,7 @@ def test_version_1_sqlite_catalog_is_upgraded_with_its_rows_and_ids(tmp_path: Pa
     for stmt in SQLITE_MIGRATIONS[0][1]:
         conn.execute(stmt)
     conn.execute("PRAGMA user_version = 1")
-    for i in (1, 2, 3):
+    for _ in range(3):
         conn.execute("INSERT INTO checkpoints (job_id, uid, \"user\", engine, status, created) "
                      "VALUES ('old', ?, ?, 'criu', 'committed', 0)", (me.uid, me.name))
     conn.execute("DELETE FROM checkpoints WHERE ckptid = 3")  # the counter is ahead of the rows
