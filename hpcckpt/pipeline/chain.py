@@ -34,8 +34,8 @@ def decide_chain(
 ) -> ChainDecision:
     """Whether the next image may refer to ``parent`` (the last published image's index).
 
-    ``fallback``: whether the job has a committed full image outside ``parent``'s chain (always
-    true when policy ``retention.fallback_full`` is off).
+    ``fallback``: whether ``parent``'s chain is still all committed (none found corrupt) and the job
+    has a committed full image outside it (always true when ``retention.fallback_full`` is off).
     """
     if not incremental:
         return ChainDecision(None, "pipeline.incremental is off")
@@ -50,7 +50,7 @@ def decide_chain(
         )
     if not fallback:
         return ChainDecision(
-            None, f"no full image outside the chain of checkpoint {parent.ckptid} to fall back on "
-            "(retention.fallback_full)",
+            None, f"the chain of checkpoint {parent.ckptid} has no full image outside it to fall back on, or "
+            "an image of it is no longer committed (retention.fallback_full)",
         )
     return ChainDecision(parent, f"incremental on checkpoint {parent.ckptid} (depth {parent.depth + 1})")

@@ -123,7 +123,7 @@ class Publisher(Protocol):
 
     def latest_image(self, job_id: str) -> Path | None: ...
 
-    def full_images(self, job_id: str) -> set[int]: ...
+    def may_chain_on(self, job_id: str, parent: ParentIndex) -> bool: ...
 
 
 class StorePublisher:
@@ -171,9 +171,22 @@ class StorePublisher:
         rec = self._cat().latest(job_id, uid=self.store.user.uid)
         return Path(rec.path) if rec is not None and rec.path else None
 
-    def full_images(self, job_id: str) -> set[int]:
-        """The job's committed full images (no parent): the fallbacks an incremental image may rely on."""
-        return {r.ckptid for r in self._cat().committed(job_id, uid=self.store.user.uid) if r.parent is None}
+    def may_chain_on(self, job_id: str, parent: ParentIndex) -> bool:
+        """Whether a new image may be incremental on ``parent`` (policy retention.fallback_full).
+
+        Every image it would take chunks from must still be committed (not found corrupt since), and
+        the job must have a committed full image outside that chain to fall back on.
+        """
+        from hpcckpt.catalog import Status
+
+        cat = self._cat()
+        chain = {c for c in (parent.ckptid, parent.base, *parent.ckptids) if c}
+        for c in chain:
+            rec = cat.get(c)
+            if rec is None or rec.status is not Status.COMMITTED:
+                return False
+        fulls = {r.ckptid for r in cat.committed(job_id, uid=self.store.user.uid) if r.parent is None}
+        return bool(fulls - chain)
 
     def close(self) -> None:
         cat = getattr(self._local, "cat", None)
@@ -206,8 +219,8 @@ def flush_one(
     assert staged.meta is not None
     fallback = True
     if settings.fallback_full and settings.incremental and parent is not None:
-        # Incremental only with a full image outside the parent's chain to fall back on.
-        fallback = bool(publisher.full_images(staged.meta.job_id) - {parent.base, parent.ckptid})
+        # Incremental only on a chain still intact, with a full image outside it to fall back on.
+        fallback = publisher.may_chain_on(staged.meta.job_id, parent)
     decision = decide_chain(parent, incremental=settings.incremental, full_every=settings.full_every,
                             max_chain_ratio=settings.max_chain_ratio, fallback=fallback)
     stop = stop or threading.Event()

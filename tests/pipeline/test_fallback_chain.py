@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from hpcckpt.catalog import CkptRecord, Status
+from pathlib import Path
+
+from hpcckpt.catalog import Catalog, CkptRecord, Status
+from hpcckpt.context import User
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.pipeline.chain import decide_chain
+from hpcckpt.pipeline.flush import Flusher, FlushSettings, StorePublisher
 from hpcckpt.retention import RetentionPolicy, chain_of, fallback_full, select_for_deletion
+from tests.pipeline.conftest import memory, stage
 
 NOW = 1_000_000.0
+MiB = 1 << 20
 
 
 def rec(ckptid: int, parent: int | None = None, status: Status = Status.COMMITTED) -> CkptRecord:
@@ -76,3 +82,26 @@ def test_retention_keeps_the_newest_full_image_outside_the_newest_chain() -> Non
     # A corrupt full image is no fallback: the next older one is.
     rows = [rec(1), rec(2), rec(3, status=Status.CORRUPT), rec(4), rec(5, 4)]
     assert fallback_full(rows, {r.ckptid: r for r in rows}) == 2
+
+
+def test_flusher_keeps_a_full_fallback_and_never_chains_on_a_corrupt_image(
+    tmp_path: Path, publisher: StorePublisher, me: User, catalog: Catalog
+) -> None:
+    fl = Flusher(publisher, FlushSettings(on_busy="queue", chunk_size=256 << 10, full_every=8, fallback_full=True))
+    mem = memory(MiB)
+
+    def one(i: int) -> None:
+        mem[:100] = bytes([i]) * 100
+        assert fl.submit(stage(tmp_path / "st", me, bytes(mem)), force=True, timeout=60)
+        assert fl.drain(60)
+
+    for i in range(4):
+        one(i)
+    ids = sorted(r.ckptid for r in catalog.committed("77"))
+    assert [catalog.get(c).parent for c in ids] == [None, None, ids[1], ids[2]]  # type: ignore[union-attr]
+    assert catalog.mark_corrupt(ids[1], "a flipped byte")  # the base of the chain the flusher is on
+    one(4)
+    fl.close(10)
+    newest = max(r.ckptid for r in catalog.committed("77"))
+    assert catalog.get(newest).parent is None  # type: ignore[union-attr]
+    assert "no longer committed" in fl.results[-1].chain
