@@ -402,6 +402,11 @@ class Resumer:
     def _tails_root(self, rec: CkptRecord) -> Path:
         # Node-local disk, never tmpfs: a tail can be as large as everything the job wrote since.
         disk = choose_staging(self.user, rec.job_id, 0, disk_root=self.disk_staging, tmpfs=None)
+        for old in sorted(disk.root.glob("tails-*")):
+            # Only a resume killed between its cut-back and CRIU's end leaves these: say so every time.
+            hlog.event(_log, "resume.tails_left", f"{old}: tails cut off by an earlier resume that did not finish; "
+                       "its files may be short by these bytes (tails.json there says which file each tail-N "
+                       "is the end of: append it to that file by hand)", 30, path=str(old))
         return disk.root / f"tails-{os.getpid()}-{rec.ckptid}"
 
     def _try(self, rec: CkptRecord) -> Restored:

@@ -10,12 +10,15 @@ the file's times are restored, so the file is byte-identical to before the
 resume; once CRIU has succeeded, the tails are dropped.
 
 A resume that dies between the cut and the end of CRIU leaves the tails in
-place (the directory is named in the log), never a half-restored file.
+place, with ``tails.json`` saying which file each belongs to and where it was
+cut; the next resume of the job warns about them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from hpcckpt.errors import IncompatibleError, StoreError
 
 _log = hlog.get("resume")
 _COPY = 1 << 20
+MANIFEST = "tails.json"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Tails:
                 os.close(out)
             self.kept.append(KeptTail(path, st.st_ino, st.st_dev, size, st.st_size - size, st.st_atime_ns,
                                       st.st_mtime_ns, str(copy)))
+            self._write_manifest()
             os.ftruncate(fd, size)
             os.fsync(fd)
         finally:
@@ -99,18 +104,33 @@ class Tails:
                    f"{self.kept[-1].length} bytes are kept in {self.kept[-1].copy} until the restore succeeds",
                    path=path, size=size, kept=self.kept[-1].copy)
 
+    def _write_manifest(self) -> None:
+        """``tails.json``: which file each tail belongs to, should this process die before putting them back."""
+        tmp = self.root / f"{MANIFEST}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([dataclasses.asdict(t) for t in self.kept], f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / MANIFEST)
+
     def put_back(self) -> None:
         """Write every kept tail back (the restore failed): each file as it was before the resume.
 
         Raises :class:`StoreError` naming what could not be put back; those tails stay where they are.
         """
         problems: list[str] = []
+        left: list[KeptTail] = []
         for t in reversed(self.kept):
             try:
                 self._put_back_one(t)
             except (OSError, StoreError) as exc:
+                left.insert(0, t)
                 problems.append(f"{t.path}: {exc}; its last {t.length} bytes are kept in {t.copy}")
         if problems:
+            self.kept = left
+            with contextlib.suppress(OSError):
+                self._write_manifest()
             raise StoreError("the restore failed and some files cut back could not be put back as they were:\n  "
                              + "\n  ".join(problems),
                              hint="append each kept tail to its file (cat TAIL >> FILE) once nothing else writes it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -59,6 +60,8 @@ def test_tails_are_kept_privately_and_put_back_byte_identical(tmp_path: Path) ->
     assert a.read_bytes() == b"checkpointed\n" and b.read_bytes() == b"x" * 10
     assert stat.S_IMODE(tails.root.stat().st_mode) == 0o700
     assert {stat.S_IMODE(p.stat().st_mode) for p in tails.root.iterdir()} == {0o600}
+    manifest = json.loads((tails.root / "tails.json").read_text())
+    assert [(m["path"], m["size"], m["length"]) for m in manifest] == [(str(a), 13, 14000), (str(b), 10, 3)]
     tails.put_back()
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (a, b)} == before
     assert not tails.root.exists()
@@ -89,6 +92,7 @@ def test_a_file_written_after_the_cut_keeps_its_tail_and_says_where(tmp_path: Pa
         tails.put_back()
     kept = Path(tails.root / "tail-0")
     assert str(kept) in str(info.value) and kept.read_bytes() == b"tail"
+    assert [m["path"] for m in json.loads((tails.root / "tails.json").read_text())] == [str(a)]
 
 
 def meta(**kw: object) -> ImageMeta:

@@ -76,6 +76,10 @@ def test_resume_failing_after_cutback_leaves_output_identical(work: Path) -> Non
     port = free_port()
     out, ids = finished_job(work, "fin", str(port))
     before = snapshot(out)
+    # What a resume killed between its cut-back and CRIU's end would have left: warned about, untouched.
+    stale = work / "staging" / current_user().name / "fin" / "tails-1-1"
+    stale.mkdir(parents=True)
+    (stale / "tails.json").write_text("[]")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
@@ -88,7 +92,8 @@ def test_resume_failing_after_cutback_leaves_output_identical(work: Path) -> Non
     assert [e["path"] for e in cut] == [str(out)] * len(ids)
     assert len(res.events("resume.untruncated")) == len(ids)
     assert snapshot(out) == before
-    assert tails_left(work) == []
+    assert tails_left(work) == [stale]
+    assert [e["path"] for e in res.events("resume.tails_left")][:1] == [str(stale)]
 
 
 class FailingEngine:
