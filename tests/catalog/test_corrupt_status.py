@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from hpcckpt.catalog import Catalog, Status, open_catalog
-from hpcckpt.catalog.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
+from hpcckpt.catalog.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION, SQLITE_MIGRATIONS
 from hpcckpt.context import User
 
 
@@ -56,5 +58,26 @@ def test_version_1_sqlite_catalog_is_upgraded_with_its_rows_and_ids(tmp_path: Pa
         assert [r.ckptid for r in cat.list("old")] == [1, 2]
         assert cat.mark_corrupt(2, "damaged")
         assert commit(cat, me, "old") == 4  # no ckptid is ever reused
+    finally:
+        cat.close()
+
+
+@pytest.mark.postgres
+def test_version_1_postgres_catalog_is_upgraded(fresh_pg_url: str, tmp_path: Path, me: User) -> None:
+    import psycopg
+
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for stmt in POSTGRES_MIGRATIONS[0][1]:
+            conn.execute(stmt)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute("INSERT INTO checkpoints (job_id, uid, \"user\", engine, status, created) "
+                     "VALUES ('old', %s, %s, 'criu', 'committed', 0)", (me.uid, me.name))
+    cat = open_catalog(fresh_pg_url, tmp_path, me)
+    try:
+        assert cat.schema_version() == SCHEMA_VERSION
+        (row,) = cat.list("old")
+        assert cat.mark_corrupt(row.ckptid, "damaged")
+        assert cat.get(row.ckptid).status is Status.CORRUPT  # type: ignore[union-attr]
     finally:
         cat.close()
