@@ -252,33 +252,54 @@ def consecutive(vals: list[int]) -> bool:
 
 
 def test_one_flipped_byte_in_any_image_leaves_one_to_resume(work: Path) -> None:
-    """Several chains; each retained image in turn gets one flipped byte: a resume still restores the job."""
+    """Two chains whose incremental images refer to their base's chunks; each retained image in turn gets one
+    flipped byte (in its chunk data, and in its header): a resume still restores the job, from an image that
+    does not depend on the damaged one."""
     policy = work / "chain.yaml"
-    policy.write_text("retention:\n  keep_last: 4\npipeline:\n  full_every: 8\n  max_chain_ratio: 100\n")
-    run = start_counter(work, "flip", policy)
+    policy.write_text("retention:\n  keep_last: 4\npipeline:\n  full_every: 8\n  max_chain_ratio: 100\n"
+                      "  chunk_size: 256K\nstorage:\n  compression:\n    codec: none\n")
+    run = hpcckpt(["run", "--job-id", "flip", "--interval", "1", "--policy", str(policy), "--", sys.executable,
+                   str(PROGS / "ballast_counter.py"), "8", "0.05"], work, "run", work / "store")
     pid = job_pid("flip")
     wait_for(lambda: len(committed(run)) >= 6, 120, "six checkpoints")
     kill_everything(run, pid)
     printed = [int(x) for x in run.lines()]
     rows = [r for r in list_json(work, "flip") if r["status"] == "committed"]
     parents = {int(str(r["ckptid"])): r["parent"] for r in rows}
-    # The retained images do not all hang on one base: at least two full images are kept.
-    assert sum(1 for p in parents.values() if p is None) >= 2, parents
-    assert any(p is not None for p in parents.values()), "no incremental image to test a chain with"
+
+    def chain(c: int) -> set[int]:
+        out = {c}
+        while (p := parents.get(c)) is not None:
+            c = int(str(p))
+            out.add(c)
+        return out
+
+    newest = max(parents)
+    # The retained images do not all hang on one base: a full image is kept outside the newest chain, and
+    # the newest chain really is a chain (its images refer to their base's chunks).
+    assert any(parents[c] is None and c not in chain(newest) for c in parents), parents
+    assert len(chain(newest)) >= 3, parents
     pristine = work / "pristine"
     shutil.copytree(work / "store", pristine, symlinks=True)
-    for row in rows:
+    fell_back_past_the_chain = False
+    for row, where in itertools.product(rows, ("data", "header")):
+        victim_id = int(str(row["ckptid"]))
         victim = Path(str(row["path"]))
         shutil.rmtree(work / "store")
         shutil.copytree(pristine, work / "store", symlinks=True)
         data = bytearray(victim.read_bytes())
-        data[len(data) // 2] ^= 0x01
+        data[len(data) // 2 if where == "data" else 64] ^= 0x01
         victim.write_bytes(bytes(data))
-        tag = f"resume-{row['ckptid']}"
-        res = resume_and_stop(work, "flip", tag)
+        res = resume_and_stop(work, "flip", f"resume-{victim_id}-{where}")
         err = res.err.read_text()
-        assert res.proc.returncode == 85, f"flipped a byte in checkpoint {row['ckptid']}:\n{err[-3000:]}"
+        assert res.proc.returncode == 85, f"flipped a byte ({where}) of checkpoint {victim_id}:\n{err[-3000:]}"
         after = [int(x) for x in res.lines()]
-        assert after and after[0] > 0 and after[0] - 1 in printed and consecutive(after), (row["ckptid"], after[:5])
+        assert after and after[0] > 0 and after[0] - 1 in printed and consecutive(after), (victim_id, after[:5])
         resumed = int(err.split("resumed from checkpoint ")[1].split()[0])
-        assert resumed != row["ckptid"]
+        # What the restored image took data from: itself and the parents it refers to (not every image
+        # up its parent links: an image refers only to the ones holding chunks it did not store again).
+        used = {resumed, *res.events("resume.restored")[0]["parents"]}
+        if where == "header":  # a damaged header is found by whoever opens the image, a child included
+            assert victim_id not in used, (victim_id, where, resumed, used, parents)
+        fell_back_past_the_chain |= resumed not in chain(newest)
+    assert fell_back_past_the_chain, "no damaged image made the resume leave the newest chain"
