@@ -21,7 +21,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ from hpcckpt.engine.base import DumpOptions, RestoreResult
 from hpcckpt.engine.criu import Criu
 from hpcckpt.engine.streamer import Source
 from hpcckpt.errors import EngineError, IncompatibleError
+from hpcckpt.policy.schema import FIELDS
 from hpcckpt.resume import Resumer
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
@@ -55,10 +56,21 @@ def snapshot(*paths: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def finished_job(work: Path, job: str, *extra: str, lines: int = 60) -> tuple[Path, list[int]]:
+def host_network(work: Path) -> list[str]:
+    """``--policy`` for the node's own network where the policy offers the choice: in a network namespace of
+    its own (policy job.network: private) the job's port could never clash with the test's."""
+    if "job.network" not in FIELDS:
+        return []
+    path = work / "host-network.yaml"
+    path.write_text("job:\n  network: host\n")
+    return ["--policy", str(path)]
+
+
+def finished_job(work: Path, job: str, *extra: str, lines: int = 60, policy: Sequence[str] = ()
+                 ) -> tuple[Path, list[int]]:
     """A job that appended to out.txt, was checkpointed twice, ran on and ended with status 0."""
     out = work / "out.txt"
-    run = hpcckpt(["run", "--job-id", job, "--interval", "1", "--", sys.executable, APPENDER, str(out),
+    run = hpcckpt(["run", "--job-id", job, "--interval", "1", *policy, "--", sys.executable, APPENDER, str(out),
                    str(lines), "0.05", *extra], work, "run", work / "store")
     assert run.wait(120) == 0, run.err.read_text()[-2000:]
     ids = [int(str(e["ckptid"])) for e in run.events("checkpoint.committed")]
@@ -74,7 +86,8 @@ def tails_left(work: Path) -> list[Path]:
 def test_resume_failing_after_cutback_leaves_output_identical(work: Path) -> None:
     """CRIU fails after out.txt was cut back (the job's port is taken): out.txt is as it was."""
     port = free_port()
-    out, ids = finished_job(work, "fin", str(port))
+    policy = host_network(work)
+    out, ids = finished_job(work, "fin", str(port), policy=policy)
     before = snapshot(out)
     # What a resume killed between its cut-back and CRIU's end would have left: warned about, untouched.
     stale = work / "staging" / current_user().name / "fin" / "tails-1-1"
@@ -83,8 +96,8 @@ def test_resume_failing_after_cutback_leaves_output_identical(work: Path) -> Non
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
-        res = hpcckpt(["resume", "fin", "--interval", "1000"], work, "resume", work / "store")
-        assert res.wait(120) == EngineError.exit_code
+        res = hpcckpt(["resume", "fin", "--interval", "1000", *policy], work, "resume", work / "store")
+        assert res.wait(120) == EngineError.exit_code, res.err.read_text()[-2000:]
     err = res.err.read_text()
     assert "Address already in use" in err
     # It did cut out.txt back (for each image it tried), and put it back each time before the next try.
