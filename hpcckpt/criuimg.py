@@ -843,3 +843,64 @@ def dumped_files(images_dir: Path) -> list[DumpedFile]:
         return out
     finally:
         os.close(dfd)
+
+
+@dataclass(frozen=True)
+class RecordedPath:
+    """A path CRIU will open again at restore: an open file, the program, a mapped library, the cwd."""
+
+    path: str
+    mode: int | None  # st_mode at the dump (CRIU refuses another one); None: not recorded
+    size: int | None  # st_size at the dump for a regular file (CRIU refuses another one); None: not checked
+
+
+def recorded_paths(images_dir: Path) -> list[RecordedPath]:
+    """Every path-named file entry of files.img, once each, sorted: what the restore needs to find as it was.
+
+    CRIU keeps one ``reg_file_entry`` per opened file whatever refers to it:
+    a descriptor, a task's executable (``mm.img``), a file-backed mapping (a
+    shared library, ``vma`` entries), its cwd and root (``fs.img``). At
+    restore it reopens each by name and checks the mode and the size it
+    recorded. External files (``ext``) and deleted or unlinked ones (which
+    CRIU brings back from its own copy) are left out.
+    """
+    images_dir = Path(images_dir)
+    try:
+        dfd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise UnreadableImageError(f"{images_dir}: cannot open: {err.strerror}") from None
+    try:
+        files = _Entries(dfd, images_dir, "files.img", "FILES")
+        remapped = {
+            _need(remaps, e, 1, off, "orig_id")
+            for remaps in [_Entries(dfd, images_dir, "remap-fpath.img", "REMAP_FPATH")]
+            for off, e in remaps.read(required=False)
+        }
+        found: dict[str, RecordedPath] = {}
+        for off, fe in files.read(required=True):
+            if _one(fe, 1) != FD_TYPE_REG:
+                continue
+            fid = _need(files, fe, 2, off, "file id")
+            body = [v for v in fe.get(3, ()) if isinstance(v, bytes)]
+            if not body:
+                raise files.corrupt(f"regular file {fid} has no reg_file_entry", off)
+            try:
+                reg = _fields(body[-1], 0, len(body[-1]))
+            except _Corrupt as err:
+                raise files.corrupt(f"reg_file_entry: {err}", off) from None
+            names = [v for v in reg.get(6, ()) if isinstance(v, bytes)]
+            if not names or len(names[-1]) > _MAX_PATH or _one(reg, 9, 0) or fid in remapped:
+                continue
+            name = names[-1].decode("utf-8", "surrogateescape")
+            if not name.startswith("/"):
+                name = "/" + name  # CRIU names files relative to the root of their mount namespace
+            mode, size = _one(reg, 10), _one(reg, 8)
+            prev = found.get(name)
+            if prev is not None:
+                # Two descriptors of one path: the same inode for CRIU; keep whatever is recorded.
+                mode = prev.mode if mode is None else mode
+                size = prev.size if size is None else size
+            found[name] = RecordedPath(name, mode, size if mode is None or stat.S_ISREG(mode) else None)
+        return [found[k] for k in sorted(found)]
+    finally:
+        os.close(dfd)

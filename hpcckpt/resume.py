@@ -7,13 +7,20 @@ For each candidate image, newest first (or only the one asked for):
    and for an incremental image every chunk it takes from its parents
    (found through the catalog); nothing of a bad image is left behind, and
    CRIU never sees a byte that was not checked;
-2. check this node can run it: architecture from the header, then the
-   job's open files (pure logic in :func:`plan_files`);
+2. check that it is the checkpoint its catalog row names (ckptid, job,
+   owner, parent: :mod:`hpcckpt.image.binding`), then that this node can
+   run it: architecture from the header, the job's open files (pure logic
+   in :func:`plan_files`), and every other path CRIU recorded and will
+   check at restore: the program, its libraries, its cwd, with their modes
+   and sizes (:func:`plan_paths`);
 3. check the ids inside the CRIU images and the owner (``authorize_restore``),
    then ``criu cpuinfo check``;
-4. only then fix up grown output files (policy ``restore.grown_files``) and
-   run ``criu restore`` with fresh stdout/stderr pipes handed in with
-   ``--inherit-fd``, with the credentials of the image's owner.
+4. only then cut grown output files back (policy ``restore.grown_files``),
+   keeping every byte cut off (:mod:`hpcckpt.tails`), and run ``criu
+   restore`` with fresh stdout/stderr pipes handed in with ``--inherit-fd``,
+   with the credentials of the image's owner. If CRIU fails, the cut-off
+   bytes are put back before anything else happens (an older image plans
+   its own cut-back only then): a failed resume leaves every file as it was.
 
 Root never restores a user's image with root's power: ``hpcckpt resume
 --as-owner USER`` first becomes USER for good (:func:`hpcckpt.security.become`)
@@ -23,7 +30,9 @@ in USER's own user namespace (``extra["userns"]``), which is restored into a
 fresh one that maps 0 to USER alone.
 
 A corrupt image, or a restore that CRIU refuses, makes us say so and try
-the one before it. A node or file mismatch (:class:`IncompatibleError`)
+the one before it; a corrupt one (damaged, or not the checkpoint its row
+names) is also marked ``corrupt`` in the catalog, so that nothing offers it
+again. A node or file mismatch (:class:`IncompatibleError`)
 does not: older images of the same job need the same node and files, and
 the user must be told what differs rather than be given an older state.
 """
@@ -40,25 +49,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import Catalog, CkptRecord
+from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User, node_name
+from hpcckpt.criuimg import RecordedPath, recorded_paths
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import restore_needs_user_namespace
 from hpcckpt.errors import (
+    CorruptImageError,
     EngineError,
     HpcckptError,
     ImageError,
     IncompatibleError,
     NotFoundError,
+    UnsafeImageError,
     UsageError,
 )
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
+from hpcckpt.image.binding import check_bound
 from hpcckpt.image.parent import chain_info
-from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver
+from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver, ref_of
 from hpcckpt.image.stream import PreparedImage, prepare_image
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner.launch import StdioPipes
 from hpcckpt.security import authorize_restore
+from hpcckpt.tails import Tails
 
 _log = hlog.get("resume")
 GROWN_CHOICES = ("truncate", "keep", "refuse")
@@ -128,16 +142,49 @@ def plan_files(
     return plan
 
 
-def truncate_file(path: str, size: int, inode: int) -> None:
-    """Cut ``path`` back to ``size``, never through a symlink and only if it is still that inode."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+# Pseudo-filesystems: CRIU reopens their files in the restored namespaces, not as this node has them now.
+_PSEUDO = ("/proc/", "/sys/")
+
+
+def _mode_size(path: str) -> tuple[int, int] | None:
     try:
-        if os.fstat(fd).st_ino != inode:
-            raise IncompatibleError(f"{path}: was replaced while preparing the restore")
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mode, st.st_size
+
+
+def plan_paths(
+    recorded: Sequence[RecordedPath], open_files: Sequence[OpenFile],
+    stat: Callable[[str], tuple[int, int] | None] = _mode_size,
+) -> list[str]:
+    """What CRIU would refuse at restore, found before anything is touched.
+
+    Every path CRIU recorded (the program, each library it mapped, its cwd
+    and root, each file it had open) must still exist with the mode it had,
+    and a file whose size CRIU checks must have it. The job's open files are
+    sized by :func:`plan_files` instead (grown ones are cut back).
+    """
+    sized_elsewhere = {f.path for f in open_files}
+    problems: list[str] = []
+    for r in recorded:
+        if r.path.startswith(_PSEUDO):
+            continue
+        try:
+            now = stat(r.path)
+        except OSError as exc:
+            problems.append(f"{r.path}: cannot be checked: {exc.strerror}")
+            continue
+        if now is None:
+            problems.append(f"{r.path}: no longer exists (the job's program, a library it mapped, its working "
+                            "directory or a file it had open)")
+            continue
+        mode, size = now
+        if r.mode is not None and mode != r.mode:
+            problems.append(f"{r.path}: its mode is {mode:o} now and was {r.mode:o} at the checkpoint")
+        elif r.size is not None and r.path not in sized_elsewhere and size != r.size:
+            problems.append(f"{r.path}: its size is {size} now and was {r.size} at the checkpoint")
+    return problems
 
 
 def check_system(summary: ImageSummary) -> None:
@@ -173,10 +220,7 @@ def catalog_refs(catalog: Catalog) -> Lookup:
 
     def lookup(ckptid: int) -> CkptRef | None:
         rec = catalog.get(ckptid)
-        if rec is None:
-            return None
-        return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "",
-                       status=str(getattr(rec.status, "value", rec.status)))
+        return None if rec is None else ref_of(rec)
 
     return lookup
 
@@ -284,7 +328,8 @@ class Resumer:
                 raise NotFoundError(f"job {job_id} has no checkpoint {ckptid}",
                                     hint=f"see 'hpcckpt list {job_id}'")
             if rec.status != "committed":
-                raise NotFoundError(f"checkpoint {ckptid} of job {job_id} is {rec.status}, not committed")
+                why = f" ({rec.error.splitlines()[0]})" if rec.error else ""
+                raise NotFoundError(f"checkpoint {ckptid} of job {job_id} is {rec.status}{why}, not committed")
             return [rec]
         recs = self.catalog.committed(job_id, uid=None if self.user.is_root else self.user.uid)
         if not recs:
@@ -295,11 +340,17 @@ class Resumer:
     def resume(self, job_id: str, ckptid: int | None = None) -> Restored:
         fallbacks: list[str] = []
         last: HpcckptError | None = None
-        for rec in self.candidates(job_id, ckptid):
+        candidates = self.candidates(job_id, ckptid)
+        if ckptid is None:
+            fallbacks += self._skipped(job_id, candidates[0].ckptid)
+        for rec in candidates:
             try:
                 restored = self._try(rec)
             except (ImageError, EngineError) as err:
+                marked = self._mark_corrupt(rec, err)
                 msg = f"checkpoint {rec.ckptid} of job {job_id} cannot be restored: {err}"
+                if marked is not None:
+                    msg += f" (checkpoint {marked} is now marked corrupt)"
                 fallbacks.append(msg)
                 hlog.event(_log, "resume.fallback", msg + "; trying the one before it", 30, ckptid=rec.ckptid,
                            excerpt=getattr(err, "log_excerpt", ""))
@@ -312,6 +363,52 @@ class Resumer:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
 
+    def _skipped(self, job_id: str, newest: int) -> list[str]:
+        """Newer images of the job than ``newest`` that were found corrupt before: said, not tried."""
+        try:
+            rows = self.catalog.list(job_id, uid=None if self.user.is_root else self.user.uid)
+        except HpcckptError:
+            return []
+        out = []
+        for r in rows:
+            if r.ckptid > newest and r.status is Status.CORRUPT:
+                why = r.error.splitlines()[0] if r.error else "no reason recorded"
+                out.append(f"checkpoint {r.ckptid} of job {job_id} is marked corrupt ({why}); skipped")
+        return out
+
+    def _mark_corrupt(self, rec: CkptRecord, err: HpcckptError) -> int | None:
+        """Mark the image an error proves bad (``rec``, or the parent it names) corrupt; its ckptid, if marked.
+
+        Only damage is marked: an unreadable file (maybe a passing I/O error), a format this version
+        does not know, or a restore CRIU refused are not the image's fault.
+        """
+        if not isinstance(err, (CorruptImageError, UnsafeImageError)):
+            return None
+        where = getattr(err, "path", None)
+        target: CkptRecord | None = rec
+        seen: set[int] = set()
+        while where is not None and target is not None and str(where) != target.path:
+            seen.add(target.ckptid)  # the error is about a parent: find it up the chain
+            parent = target.parent
+            target = self.catalog.get(parent) if parent is not None and parent not in seen else None
+        if target is None:
+            return None
+        try:
+            return target.ckptid if self.catalog.mark_corrupt(target.ckptid, str(err)) else None
+        except HpcckptError as exc:
+            hlog.event(_log, "resume.unmarked", f"could not mark checkpoint {target.ckptid} corrupt: {exc}", 30)
+            return None
+
+    def _tails_root(self, rec: CkptRecord) -> Path:
+        # Node-local disk, never tmpfs: a tail can be as large as everything the job wrote since.
+        disk = choose_staging(self.user, rec.job_id, 0, disk_root=self.disk_staging, tmpfs=None)
+        for old in sorted(disk.root.glob("tails-*")):
+            # Only a resume killed between its cut-back and CRIU's end leaves these: say so every time.
+            hlog.event(_log, "resume.tails_left", f"{old}: tails cut off by an earlier resume that did not finish; "
+                       "its files may be short by these bytes (tails.json there says which file each tail-N "
+                       "is the end of: append it to that file by hand)", 30, path=str(old))
+        return disk.root / f"tails-{os.getpid()}-{rec.ckptid}"
+
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
         need, predumped = header_facts(image)
@@ -323,6 +420,7 @@ class Resumer:
         if dest.exists():
             shutil.rmtree(dest)
         prepared: PreparedImage | None = None
+        tails: Tails | None = None
         try:
             cpu = EarlyCpuCheck(self.engine)
             if stream:
@@ -334,13 +432,20 @@ class Resumer:
                 # Checks every byte (and every chunk taken from a parent) while writing; a bad image
                 # leaves nothing.
                 summary = unpack_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
+            # The image must be the checkpoint its row names (not a copy of another one).
+            check_bound(summary.meta, ref_of(rec), str(image))
+            # Everything that can be checked is, before any file of the user's is touched.
             check_system(summary)
             plan = plan_files(summary.files, self.grown_files)
-            if plan.problems:
+            problems = list(plan.problems)
+            if (dest / "files.img").is_file():
+                problems += plan_paths(recorded_paths(dest), summary.files)
+            if problems:
                 raise IncompatibleError(
-                    f"checkpoint {rec.ckptid} of job {rec.job_id} does not match the job's files now:\n  "
-                    + "\n  ".join(plan.problems),
-                    hint="restore the files as they were, or set restore.grown_files; CRIU was not started",
+                    f"checkpoint {rec.ckptid} of job {rec.job_id} does not match this node's files now:\n  "
+                    + "\n  ".join(problems),
+                    hint="restore the files as they were, or set restore.grown_files; no file was changed "
+                    "and CRIU was not started",
                 )
             # The caller must be the owner: root restores a user's image only after becoming them.
             # Namespace ids (all 0) are accepted only for a job its runner recorded as running in a
@@ -348,8 +453,11 @@ class Resumer:
             authorize_restore(image, dest, self.user, header_uid=summary.meta.uid, record_uid=rec.uid,
                               namespaced=summary.meta.extra.get("userns") is True
                               and restore_needs_user_namespace(dest, euid=os.geteuid()))
+            tails = Tails(self._tails_root(rec)) if plan.truncate else None
+
             def last_checks() -> None:
                 # The CPU check (an exec of CRIU), then cutting grown files back: only once it passed.
+                # Each tail cut off is kept until CRIU has succeeded, and put back if it fails.
                 if summary.meta.extra.get("cpuinfo"):
                     ok, why = cpu.answer(dest)
                     if not ok:
@@ -357,20 +465,19 @@ class Resumer:
                             f"this node's CPU lacks features the checkpointed job uses:\n{why}",
                             hint="resume it on a node with the same CPU model (or newer)")
                 for path, size, inode in plan.truncate:
-                    hlog.event(_log, "resume.truncated", f"{path}: cut back to its checkpointed size {size}",
-                               path=path, size=size)
-                    truncate_file(path, size, inode)
+                    assert tails is not None
+                    tails.cut(path, size, inode)
 
-            if prepared is None:
-                last_checks()
             pipes = StdioPipes.create()
-            stdio = summary.meta.extra.get("stdio") or {}
-            inherit = {}
-            if isinstance(stdio, dict):
-                for job_fd, ours in (("1", pipes.out_w), ("2", pipes.err_w)):
-                    if isinstance(stdio.get(job_fd), str):
-                        inherit[ours] = str(stdio[job_fd])
             try:
+                if prepared is None:
+                    last_checks()
+                stdio = summary.meta.extra.get("stdio") or {}
+                inherit = {}
+                if isinstance(stdio, dict):
+                    for job_fd, ours in (("1", pipes.out_w), ("2", pipes.err_w)):
+                        if isinstance(stdio.get(job_fd), str):
+                            inherit[ours] = str(stdio[job_fd])
                 # Streamed, CRIU starts while the CPU check runs: the streamer serves it nothing, not
                 # even its inventory, until last_checks() has passed (and CRIU fails if they do not).
                 res = self.engine.restore(dest, options=self.options.for_image(summary.meta.extra),
@@ -381,8 +488,12 @@ class Resumer:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
                 pipes.close_write_ends()
+                if tails is not None:
+                    tails.put_back()  # before any older image plans its own cut-back
                 raise
             pipes.close_write_ends()
+            if tails is not None:
+                tails.drop()
         finally:
             if prepared is not None:
                 prepared.close()
@@ -398,4 +509,3 @@ class Resumer:
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
                         fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind,
                         streamed=prepared is not None)
-

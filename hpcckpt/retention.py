@@ -8,6 +8,14 @@ Two hard rules override every setting:
   restarted under a new job id goes on with the chain of the image it was
   restored from.
 
+And with ``fallback_full`` (policy ``retention.fallback_full``, on by
+default), a third: the job's newest full image that is *not* in its newest
+image's chain is never deleted either. The newest image and that fallback
+then share no image, so one damaged image (even the base of the newest
+chain) always leaves one of them restorable. The chain policy
+(:mod:`hpcckpt.pipeline.chain`) does its part: an image is written
+incremental only while such a full image exists.
+
 ``select_for_deletion`` is pure and decides; ``apply_retention`` acts on it:
 mark the row deleted first (so no reader takes it), then unlink the file. A
 crash in between leaves a deleted row with a file, which gc removes later.
@@ -36,6 +44,9 @@ class RetentionPolicy:
     keep_every: int = 0  # 0: off; K: also keep each job's Kth, 2Kth, ... checkpoint
     max_age: float | None = None  # seconds
     max_bytes: int | None = None  # per user, over all their jobs
+    # Keep the newest full image outside the newest image's chain. The policy's default is true;
+    # off here so that the other rules can be reasoned about (and tested) one at a time.
+    fallback_full: bool = False
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:
@@ -56,6 +67,7 @@ class RetentionPolicy:
             keep_every=int(r.keep_every or 0),
             max_age=None if r.max_age is None else float(r.max_age),
             max_bytes=None if r.max_bytes is None else int(r.max_bytes),
+            fallback_full=bool(getattr(r, "fallback_full", True)),
         )
 
 
@@ -66,6 +78,26 @@ def _ancestors(ckptid: int, by_id: dict[int, CkptRecord]) -> Iterable[int]:
         seen.add(cur.parent)
         yield cur.parent
         cur = by_id.get(cur.parent)
+
+
+def chain_of(ckptid: int, by_id: dict[int, CkptRecord]) -> set[int]:
+    """An image and every image it depends on."""
+    return {ckptid, *_ancestors(ckptid, by_id)}
+
+
+def fallback_full(rows: Sequence[CkptRecord], by_id: dict[int, CkptRecord]) -> int | None:
+    """The job's newest committed full image outside its newest committed image's chain, if any.
+
+    ``rows`` are one job's rows, oldest first.
+    """
+    live = [r for r in rows if r.status is Status.COMMITTED]
+    if not live:
+        return None
+    chain = chain_of(live[-1].ckptid, by_id)
+    for r in reversed(live):
+        if r.parent is None and r.ckptid not in chain:
+            return r.ckptid
+    return None
 
 
 def select_for_deletion(records: Sequence[CkptRecord], policy: RetentionPolicy, now: float) -> list[int]:
@@ -88,6 +120,10 @@ def select_for_deletion(records: Sequence[CkptRecord], policy: RetentionPolicy, 
         if not live:
             continue
         protected.add(live[-1].ckptid)
+        if policy.fallback_full:
+            fallback = fallback_full(rows, by_id)
+            if fallback is not None:
+                protected.add(fallback)
         keep.update(r.ckptid for r in live[-policy.keep_last :])
         if policy.keep_every:
             history = [r for r in rows if r.status in (Status.COMMITTED, Status.DELETED)]

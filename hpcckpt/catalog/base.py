@@ -193,6 +193,24 @@ class Catalog(ABC):
 
         self._write(tx)
 
+    def mark_corrupt(self, ckptid: int, reason: str) -> bool:
+        """Mark a committed image corrupt (damaged, or not the checkpoint its row names); False if not committed.
+
+        Only a committed row changes: a deleted or failed one keeps its state and error.
+        """
+
+        def tx(cur: Cursor) -> bool:
+            _, status = self._locked_row(cur, ckptid)
+            if status is not Status.COMMITTED:
+                return False
+            cur.execute(
+                self._sql("UPDATE checkpoints SET status = ?, error = ? WHERE ckptid = ?"),
+                (Status.CORRUPT.value, reason, ckptid),
+            )
+            return True
+
+        return self._write(tx)
+
     def mark_deleted(self, ckptid: int) -> None:
         def tx(cur: Cursor) -> None:
             self._locked_row(cur, ckptid)

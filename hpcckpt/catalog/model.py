@@ -13,6 +13,7 @@ class Status(str, Enum):
     COMMITTED = "committed"  # durable on disk and valid: a resume may use it
     FAILED = "failed"  # the writer failed or died; its file, if any, is garbage
     DELETED = "deleted"  # removed by retention or gc; the row stays as history
+    CORRUPT = "corrupt"  # committed once, then found damaged or not the image its row names; never restored
 
     def __str__(self) -> str:
         return self.value

@@ -11,9 +11,11 @@ Every row carries ``uid`` and ``user`` so that PostgreSQL row-level security
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _STATUS_CHECK = "status IN ('writing', 'committed', 'failed', 'deleted')"
+# Version 2: an image found damaged, or not the checkpoint its row names, is marked 'corrupt'.
+_STATUS_CHECK_2 = "status IN ('writing', 'committed', 'failed', 'deleted', 'corrupt')"
 
 SQLITE_MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -57,6 +59,44 @@ SQLITE_MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX job_events_job ON job_events (job_id, id)",
         ],
     ),
+    (
+        2,
+        # SQLite cannot alter a CHECK constraint: the table is rebuilt with the wider one, rows and
+        # ckptids unchanged (the AUTOINCREMENT counter is carried over, so no ckptid is ever reused).
+        [
+            f"""CREATE TABLE checkpoints_v2 (
+                ckptid INTEGER PRIMARY KEY AUTOINCREMENT CHECK (ckptid > 0),
+                job_id TEXT NOT NULL,
+                step TEXT,
+                array_job_id TEXT,
+                array_task_id TEXT,
+                uid INTEGER NOT NULL,
+                "user" TEXT NOT NULL,
+                node TEXT NOT NULL DEFAULT '',
+                path TEXT NOT NULL DEFAULT '',
+                size_bytes INTEGER NOT NULL DEFAULT 0,
+                engine TEXT NOT NULL,
+                status TEXT NOT NULL CHECK ({_STATUS_CHECK_2}),
+                parent INTEGER,
+                created REAL NOT NULL,
+                finished REAL,
+                duration REAL,
+                error TEXT NOT NULL DEFAULT '',
+                requeue_count INTEGER NOT NULL DEFAULT 0,
+                resumed_by TEXT,
+                new_job_id TEXT,
+                meta TEXT NOT NULL DEFAULT '{{}}'
+            )""",
+            "INSERT INTO checkpoints_v2 SELECT * FROM checkpoints",
+            "DELETE FROM sqlite_sequence WHERE name = 'checkpoints_v2'",
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'checkpoints_v2', seq FROM sqlite_sequence "
+            "WHERE name = 'checkpoints'",
+            "DROP TABLE checkpoints",
+            "ALTER TABLE checkpoints_v2 RENAME TO checkpoints",
+            "CREATE INDEX checkpoints_job_latest ON checkpoints (job_id, status, ckptid)",
+            "CREATE INDEX checkpoints_uid ON checkpoints (uid, ckptid)",
+        ],
+    ),
 ]
 
 POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -98,6 +138,13 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
                 ts DOUBLE PRECISION NOT NULL
             )""",
             "CREATE INDEX job_events_job ON job_events (job_id, id)",
+        ],
+    ),
+    (
+        2,
+        [
+            "ALTER TABLE checkpoints DROP CONSTRAINT IF EXISTS checkpoints_status_check",
+            f"ALTER TABLE checkpoints ADD CONSTRAINT checkpoints_status_check CHECK ({_STATUS_CHECK_2})",
         ],
     ),
 ]

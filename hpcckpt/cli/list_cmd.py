@@ -15,8 +15,10 @@ from hpcckpt.humanize import human_size
 
 HELP = """\
 List checkpoints, oldest first: their id, job, state (writing, committed,
-failed, deleted), size, when they were taken, on which node, and the parent
-of an incremental one. A resume takes the newest committed image of a job.
+failed, deleted, corrupt), size, when they were taken, on which node, and the
+parent of an incremental one. A resume takes the newest committed image of a
+job; an image that verify or a resume found damaged, or not the checkpoint
+its row names, is 'corrupt' (-l shows why) and is never restored.
 
 You see your own checkpoints; root sees every user's (or one with --user).
 

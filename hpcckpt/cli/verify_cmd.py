@@ -19,7 +19,11 @@ the section structure and the trailer (record count, length, digest).
 An image that is intact but records a failed checkpoint counts as corrupt:
 there is nothing to restore from it.
 
-IMAGE|CKPTID is an image file, or a checkpoint id from 'hpcckpt list'.
+IMAGE|CKPTID is an image file, or a checkpoint id from 'hpcckpt list'. A
+checkpoint id is also checked against its catalog row: the image's header
+must name that checkpoint, job, owner and parent (a file copied over another
+checkpoint's is corrupt). A checkpoint id found corrupt is marked 'corrupt'
+in the catalog: 'hpcckpt list' shows it so, and resume no longer uses it.
 
 exit status: 0 all images ok; 4 some image is corrupt (or a failed
 checkpoint, or of an unsupported format); 5 some image is unreadable
@@ -56,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 line += f"  ({r.sections} sections, {r.length} bytes, digest {r.digest})"
             else:
                 line += "\n           " + r.error.replace("\n", "\n           ")
+                if r.marked:
+                    line += "\n           marked corrupt in the catalog"
             sys.stdout.write(line + "\n")
     return code

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt.context import User, resolve_catalog_url, resolve_store_root
-from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError, UnreadableImageError
+from hpcckpt.errors import (
+    CatalogError,
+    CorruptImageError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnreadableImageError,
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,9 @@ class CkptRef:
     uid: int
     path: str
     status: str
+    job_id: str | None = None  # None: not known (then not compared with the image's header)
+    parent: int | None = None
+    error: str = ""
 
 
 Lookup = Callable[[int], "CkptRef | None"]
@@ -73,27 +82,48 @@ def _policy_storage(policy_file: str | None) -> tuple[str | None, str | None]:
     return pol.storage.root, pol.storage.catalog
 
 
-def catalog_lookup(user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> Lookup:
-    """A lookup through the real catalog, opened on first use (plain paths never open it)."""
-    state: dict[str, Any] = {}
+def ref_of(rec: Any) -> CkptRef:
+    """The :class:`CkptRef` of a catalog record."""
+    status = getattr(rec.status, "value", rec.status)
+    return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "", status=str(status), job_id=rec.job_id,
+                   parent=rec.parent, error=rec.error or "")
 
-    def lookup(ckptid: int) -> CkptRef | None:
-        if "cat" not in state:
+
+class CatalogLookup:
+    """A lookup through the real catalog, opened on first use (plain paths never open it).
+
+    It also marks images corrupt (``hpcckpt verify``), through the same connection.
+    """
+
+    def __init__(self, user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> None:
+        self.user = user
+        self._args = (store, catalog, policy_file)
+        self._cat: Any = None
+
+    def catalog(self) -> Any:
+        if self._cat is None:
             try:
                 from hpcckpt.catalog import open_catalog
             except ImportError as exc:
                 raise CatalogError(f"the catalog is not available: {exc}") from exc
+            store, catalog, policy_file = self._args
             pol_root, pol_cat = (None, None) if store and catalog else _policy_storage(policy_file)
-            state["cat"] = open_catalog(
-                resolve_catalog_url(catalog, pol_cat), resolve_store_root(store, pol_root), user
-            )
-        rec = state["cat"].get(ckptid)
-        if rec is None:
-            return None
-        status = getattr(rec.status, "value", rec.status)
-        return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "", status=str(status))
+            self._cat = open_catalog(resolve_catalog_url(catalog, pol_cat), resolve_store_root(store, pol_root),
+                                     self.user)
+        return self._cat
 
-    return lookup
+    def __call__(self, ckptid: int) -> CkptRef | None:
+        rec = self.catalog().get(ckptid)
+        return None if rec is None else ref_of(rec)
+
+    def mark_corrupt(self, ckptid: int, reason: str) -> bool:
+        """Mark checkpoint ``ckptid`` corrupt; whether it was committed until now."""
+        return bool(self.catalog().mark_corrupt(ckptid, reason))
+
+
+def catalog_lookup(user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> Lookup:
+    """A lookup through the real catalog, opened on first use (plain paths never open it)."""
+    return CatalogLookup(user, store, catalog, policy_file)
 
 
 def parent_resolver(user: User, lookup: Lookup | None) -> Callable[[int], Path]:
@@ -102,6 +132,13 @@ def parent_resolver(user: User, lookup: Lookup | None) -> Callable[[int], Path]:
     def resolve(ckptid: int) -> Path:
         if lookup is None:
             raise CatalogError(f"checkpoint {ckptid} is a parent image, and there is no catalog to find it in")
+        ref = lookup(ckptid)
+        if ref is not None and ref.status == "corrupt":
+            # Found damaged before: every image that takes chunks from it is unrestorable too.
+            why = ref.error or "no reason recorded"
+            raise CorruptImageError(f"parent checkpoint {ckptid} is marked corrupt: {why}", path=ref.path or None,
+                                    hint="resume from an image of another chain (hpcckpt list JOBID shows each "
+                                    "image's parent)")
         return image_by_id(ckptid, user, lookup)
 
     return resolve

@@ -72,6 +72,8 @@ class FlushSettings:
     level: int = 3
     chunk_size: int = F.DEFAULT_CHUNK
     workers: int = 1
+    # Policy retention.fallback_full (see hpcckpt.pipeline.chain); the policy's default is true.
+    fallback_full: bool = False
 
     def __post_init__(self) -> None:
         if self.on_busy not in ("skip", "queue"):
@@ -85,7 +87,8 @@ class FlushSettings:
         comp = pol.storage.compression
         return cls(on_busy=str(p.on_busy), incremental=bool(p.incremental), full_every=int(p.full_every),
                    max_chain_ratio=float(p.max_chain_ratio), codec=str(comp.codec), level=int(comp.level),
-                   chunk_size=chunk, workers=workers)
+                   chunk_size=chunk, workers=workers,
+                   fallback_full=bool(getattr(pol.retention, "fallback_full", True)))
 
 
 @dataclass
@@ -119,6 +122,8 @@ class Publisher(Protocol):
     def committed_stages(self, job_id: str) -> set[str]: ...
 
     def latest_image(self, job_id: str) -> Path | None: ...
+
+    def may_chain_on(self, job_id: str, parent: ParentIndex) -> bool: ...
 
 
 class StorePublisher:
@@ -166,6 +171,23 @@ class StorePublisher:
         rec = self._cat().latest(job_id, uid=self.store.user.uid)
         return Path(rec.path) if rec is not None and rec.path else None
 
+    def may_chain_on(self, job_id: str, parent: ParentIndex) -> bool:
+        """Whether a new image may be incremental on ``parent`` (policy retention.fallback_full).
+
+        Every image it would take chunks from must still be committed (not found corrupt since), and
+        the job must have a committed full image outside that chain to fall back on.
+        """
+        from hpcckpt.catalog import Status
+
+        cat = self._cat()
+        chain = {c for c in (parent.ckptid, parent.base, *parent.ckptids) if c}
+        for c in chain:
+            rec = cat.get(c)
+            if rec is None or rec.status is not Status.COMMITTED:
+                return False
+        fulls = {r.ckptid for r in cat.committed(job_id, uid=self.store.user.uid) if r.parent is None}
+        return bool(fulls - chain)
+
     def close(self) -> None:
         cat = getattr(self._local, "cat", None)
         if cat is not None:
@@ -195,8 +217,12 @@ def flush_one(
 ) -> tuple[FlushResult, ParentIndex | None]:
     """Pack and publish one complete staged dump; the result and the new image's index."""
     assert staged.meta is not None
+    fallback = True
+    if settings.fallback_full and settings.incremental and parent is not None:
+        # Incremental only on a chain still intact, with a full image outside it to fall back on.
+        fallback = publisher.may_chain_on(staged.meta.job_id, parent)
     decision = decide_chain(parent, incremental=settings.incremental, full_every=settings.full_every,
-                            max_chain_ratio=settings.max_chain_ratio)
+                            max_chain_ratio=settings.max_chain_ratio, fallback=fallback)
     stop = stop or threading.Event()
     holder: dict[str, PackStats] = {}
     meta = dataclasses.replace(staged.meta, parent_ckptid=None)

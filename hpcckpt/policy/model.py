@@ -39,6 +39,7 @@ class RetentionPolicy:
     keep_every: int
     max_age: int | None
     max_bytes: int | None
+    fallback_full: bool
 
 
 @dataclass(frozen=True)

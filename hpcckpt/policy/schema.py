@@ -105,6 +105,8 @@ _FIELDS: tuple[Field, ...] = (
           "delete checkpoints older than this (beyond keep_last); null: no age limit"),
     Field("retention.max_bytes", SizeKind(minimum=1, nullable=True), None,
           "most bytes of checkpoints per user; oldest go first (beyond keep_last); null: no limit"),
+    Field("retention.fallback_full", BoolKind(), True,
+          "keep a full image outside the newest image's chain, so that no single damaged image loses the job"),
     Field("preemption.signals", SignalListKind(), ["TERM", "USR1"],
           "signals that mean 'you are about to be preempted or timed out: checkpoint now'"),
     Field("preemption.grace_margin", DurationKind(), 5,

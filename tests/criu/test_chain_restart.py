@@ -22,16 +22,19 @@ COUNTER = str(PROGS / "counter.py")
 def test_chain_goes_on_across_a_restart_and_restores(work: Path) -> None:
     store = work / "store"
     pol = work / "policy.yaml"
-    # keep_last 1: retention must still keep every image the latest one is built on
+    # keep_last 1: retention must still keep every image the latest one is built on, and (policy
+    # retention.fallback_full, the default) the full image outside that chain
     pol.write_text("retention:\n  keep_last: 1\npipeline:\n  full_every: 50\n  max_chain_ratio: 100\n"
                    "storage:\n  compression:\n    codec: zstd\n")
     run = hpcckpt(["run", "--job-id", "chain", "--interval", "1", "--policy", str(pol), "--",
                    sys.executable, COUNTER, "100000", "0.05"], work, "run", store)
     pid = job_pid("chain")
-    wait_for(lambda: len(run.events("checkpoint.committed")) >= 2, 60, "two checkpoints")
+    wait_for(lambda: len(run.events("checkpoint.committed")) >= 3, 60, "three checkpoints")
     kill_everything(run, pid)
     first = run.events("checkpoint.committed")
-    assert first[1]["parent"] == first[0]["ckptid"], "the 2nd checkpoint is not incremental on the 1st"
+    # The first two are full (the 1st is the fallback of the chain the 2nd starts), the 3rd chains on.
+    assert first[0]["parent"] is None and first[1]["parent"] is None
+    assert first[2]["parent"] == first[1]["ckptid"], "the 3rd checkpoint is not incremental on the 2nd"
 
     res = hpcckpt(["resume", "chain", "--interval", "1", "--policy", str(pol)], work, "resume", store)
     wait_for(lambda: res.events("checkpoint.committed"), 60, "a checkpoint after the resume")

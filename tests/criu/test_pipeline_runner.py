@@ -66,6 +66,10 @@ def env(work: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def policy(work: Path, **pipeline: Any) -> str:
     lines = ["pipeline:"] + [f"  {k}: {v}" for k, v in pipeline.items()]
     lines += ["storage:", "  compression:", "    codec: lz4"]
+    # These tests are about the flush pipeline chaining each image on the one before; the rule that
+    # keeps a full fallback outside the chain (and so makes a job's 2nd image full) is tested in
+    # test_safe_resume.py and tests/pipeline/test_fallback_chain.py.
+    lines += ["retention:", "  fallback_full: false"]
     path = work / "policy.yaml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
