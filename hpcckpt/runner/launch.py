@@ -32,9 +32,12 @@ so ``hpcckpt run -- no-such-cmd`` fails with a clear error, not exit 127.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import select
+import signal
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from hpcckpt.errors import EngineError, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
@@ -133,10 +137,33 @@ def _enter_user_namespace(uid: int, gid: int) -> None:
     _write_proc_self("gid_map", gid_map)
 
 
-def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int) -> None:
+def _die_with_runner(adopted_r: int) -> None:
+    """In the job, before exec: make the kernel SIGKILL it (and so its whole namespace) when the runner dies.
+
+    PR_SET_PDEATHSIG fires when the *current* parent dies, and ours is first
+    the helper, which exits at once: so wait until the runner, having reaped
+    the helper (we are its child then), writes one byte. If the runner died
+    before or just after that, its end of the pipe is closed (EOF): give up
+    rather than run unmanaged. ``getppid()`` cannot tell: it is 0 for pid 1.
+    CRIU saves and restores the setting (and restores the job with
+    CLONE_PARENT as the runner's child), so a resumed job dies with its runner too.
+    """
+    if os.read(adopted_r, 1) != b"\1":
+        os._exit(1)
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(1)
+    if select.select([adopted_r], [], [], 0)[0]:  # EOF: the runner died before the prctl
+        os._exit(1)
+    os.close(adopted_r)
+
+
+def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int,
+                adopted_r: int = -1) -> None:
     """In the job (pid 1): the smallest possible path from fork to exec."""
     stage = _STAGE_SETUP
     try:
+        if adopted_r >= 0:
+            _die_with_runner(adopted_r)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -155,7 +182,7 @@ def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: St
 
 
 def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[str, str], cwd: str,
-            pipes: StdioPipes, info_w: int, err_w: int) -> None:
+            pipes: StdioPipes, info_w: int, err_w: int, adopted_r: int = -1) -> None:
     """The forked helper: unshare, fork the job, report its pid, exit. Never returns."""
     try:
         if _libc.unshare(flags) != 0:
@@ -170,7 +197,7 @@ def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[st
         job = os.fork()
         if job == 0:
             os.close(info_w)
-            _child_exec(argv, env, cwd, pipes, err_w)
+            _child_exec(argv, env, cwd, pipes, err_w, adopted_r)
         os.write(info_w, _PID.pack(job))
     finally:
         os._exit(0)
@@ -198,15 +225,22 @@ def spawn_in_pid_namespace(
     set_child_subreaper()
     info_r, info_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    # The job waits on it until it is the runner's child; see _die_with_runner.
+    adopted_r, adopted_w = os.pipe2(os.O_CLOEXEC)
     helper = os.fork()
     if helper == 0:
         os.close(info_r)
         os.close(err_r)
-        _helper(flags, uid, gid, argv, env, cwd, pipes, info_w, err_w)
+        os.close(adopted_w)
+        _helper(flags, uid, gid, argv, env, cwd, pipes, info_w, err_w, adopted_r)
     os.close(info_w)
     os.close(err_w)
+    os.close(adopted_r)
     try:
         os.waitpid(helper, 0)
+        # The helper is reaped, so the job has been reparented to us: it may now tie its life to ours.
+        with contextlib.suppress(OSError):
+            os.write(adopted_w, b"\1")
         raw = os.read(info_r, _PID.size)
         # EOF once the job has exec'd (close-on-exec) or died: then the error, if any, is here.
         failure = b""
@@ -218,6 +252,7 @@ def spawn_in_pid_namespace(
     finally:
         os.close(info_r)
         os.close(err_r)
+        os.close(adopted_w)
     if len(failure) >= _ERR.size:
         stage, code = _ERR.unpack_from(failure)
         if len(raw) == _PID.size:
