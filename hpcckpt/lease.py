@@ -12,9 +12,11 @@ A lease whose holder is provably dead is taken over (:func:`judge`, pure):
   holder is alive while a process with its pid and its start time exists.
   Several Slurm nodes may share one host, so the host, not the node name,
   says where a pid means something;
+* a later run of our own Slurm job (a requeue: a higher restart count) takes
+  over from an earlier one, wherever that ran: Slurm says it is over;
 * elsewhere, Slurm decides when the holder ran in a Slurm job: a job Slurm no
   longer knows, no longer runs, or has requeued since (its restart count grew)
-  is dead; a later run of our own Slurm job takes over from an earlier one;
+  is dead;
 * otherwise, and whenever Slurm cannot be asked, the lease's expiry decides.
   Runners renew every third of the TTL, so a live one never lapses.
 
@@ -152,6 +154,10 @@ def judge(lease: LeaseRecord | None, here: Holder, now: float, probes: Probes) -
         return Verdict(True, "the job has no lease yet")
     if lease.state is not LeaseState.LIVE:
         return Verdict(True, f"its last run {lease.state.value}")
+    if (lease.slurm_job_id and lease.slurm_job_id == here.slurm_job_id
+            and here.restart_count > lease.restart_count):
+        # Slurm runs this job again (requeued): whatever is left of its earlier run is not the job any more.
+        return Verdict(True, f"it was held by an earlier run (restart {lease.restart_count}) of this Slurm job")
     if here.same_machine(lease):
         start = probes.pid_start(lease.pid)
         if start is None:
@@ -160,9 +166,6 @@ def judge(lease: LeaseRecord | None, here: Holder, now: float, probes: Probes) -
             return Verdict(True, f"its runner, pid {lease.pid} on {lease.host}, is gone (the pid is another "
                                  "process now)")
         return Verdict(False, "its runner is alive on this machine")
-    if (lease.slurm_job_id and lease.slurm_job_id == here.slurm_job_id
-            and here.restart_count > lease.restart_count):
-        return Verdict(True, f"it was held by an earlier run (restart {lease.restart_count}) of this Slurm job")
     if lease.slurm_job_id:
         try:
             job = probes.slurm_job(lease.slurm_job_id)

@@ -105,6 +105,8 @@ def test_a_later_run_of_our_own_slurm_job_takes_over() -> None:
     assert judge(earlier, me, NOW, probes).free
     # The same run of the same Slurm job (two runners in one batch script): held.
     assert not judge(replace(earlier, restart_count=1), me, NOW, probes).free
+    # On the same machine too: Slurm, not a leftover process of the earlier run, says where the job runs.
+    assert judge(lease(slurm_job_id="4242"), me, NOW, FakeProbes(pids={77: 9})).free
 
 
 # -- taking it, on both backends -------------------------------------------------
