@@ -14,6 +14,7 @@ from tests.criu.harness import PROGS, Cmd, gone, hpcckpt, job_pid, wait_for
 
 pytestmark = [pytest.mark.criu]
 COUNTER = str(PROGS / "counter.py")
+FILECOUNTER = str(PROGS / "filecounter.py")
 
 
 def committed(cmd: Cmd) -> list[dict[str, object]]:
@@ -40,8 +41,14 @@ def test_second_run_of_a_running_job_is_refused(work: Path) -> None:
 
 
 def test_job_dies_with_its_runner_and_a_resume_takes_over_with_the_same_interval(work: Path) -> None:
-    """kill -9 of the runner ends the job; resume (no --interval) takes over and checkpoints every 2 s again."""
-    run = counter(work, "orphan", "run", "--interval", "2")
+    """kill -9 of the runner ends the job; resume (no --interval) takes over and checkpoints every 2 s again.
+
+    The job writes to a file, not to the runner's pipe: a job writing to stdout would die of the broken
+    pipe anyway, and would prove nothing.
+    """
+    out = work / "count.txt"
+    run = hpcckpt(["run", "--job-id", "orphan", "--interval", "2", "--", sys.executable, FILECOUNTER, str(out),
+                   "0.05"], work, "run", work / "store")
     pid = job_pid("orphan")
     wait_for(lambda: len(committed(run)) >= 1, 60, "a checkpoint")
     tree = procinfo.tree_pids(pid)
