@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from hpcckpt.catalog.model import LeaseRecord, LeaseState
 from hpcckpt.context import User
 from hpcckpt.errors import JobFinishedError, JobRunningError, SlurmError
 from hpcckpt.lease import Holder, acquire, judge
+from hpcckpt.runner.session import SessionOptions
 from tests.criu.harness import wait_for
 
 NOW = 1_000_000.0
@@ -207,3 +209,23 @@ def test_keeper_renews_and_notices_a_takeover(cat: Catalog, make_catalog: Callab
     wait_for(held.lost, 30, "the keeper to notice the takeover")
     held.release(LeaseState.EXITED, exit_status=0)
     assert cat.get_lease("J").pid == 200  # type: ignore[union-attr]
+
+
+# -- the run options a resume keeps ------------------------------------------------
+
+
+def test_resume_options_fall_back_to_the_recorded_ones(tmp_path: Path) -> None:
+    pol = tmp_path / "p.yaml"
+    pol.write_text("{}\n")
+    ran = SessionOptions(interval="2", deadline=30.0, signals=["USR1"], policy=str(pol))
+    recorded = ran.recorded()
+    assert recorded == {"interval": "2", "deadline": 30.0, "signals": ["USR1"], "policy": str(pol.resolve())}
+    # A bare resume gets them all back; the command line wins where it says something.
+    assert SessionOptions().over(recorded).recorded() == recorded
+    cli = SessionOptions(interval="600", store="/s").over(recorded)
+    assert cli.interval == "600" and cli.deadline == 30.0 and cli.store == "/s" and cli.signals == ["USR1"]
+    # A policy file that is gone is not an error for a resume: the default policy applies.
+    pol.unlink()
+    assert SessionOptions().over(recorded).policy is None
+    # Nothing recorded (a job from before leases): nothing changes.
+    assert SessionOptions(interval="5").over({}) == SessionOptions(interval="5")
