@@ -147,11 +147,14 @@ def _die_with_runner(adopted_r: int) -> None:
     rather than run unmanaged. ``getppid()`` cannot tell: it is 0 for pid 1.
     CRIU saves and restores the setting (and restores the job with
     CLONE_PARENT as the runner's child), so a resumed job dies with its runner too.
+    The parent is a *thread*: the job is adopted by the runner's main thread;
+    a restore must run criu from the main thread too, or the job would die with
+    the thread that ran it.
     """
     if os.read(adopted_r, 1) != b"\1":
         os._exit(1)
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        os._exit(1)
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if select.select([adopted_r], [], [], 0)[0]:  # EOF: the runner died before the prctl
         os._exit(1)
     os.close(adopted_r)
