@@ -18,6 +18,8 @@ Exit codes (also in docs/cli.md):
 12    Slurm error
 13    MPI / application-assisted checkpoint error
 14    the job's runner cannot be reached
+15    the job is already running (its lease is held by a live runner)
+16    the job already ended on its own: resuming it needs ``--force``
 85    the job was checkpointed and stopped: requeue it
       (put ``RequeueExit=85`` in slurm.conf so Slurm does it by itself)
 ====  ===============================================================
@@ -43,6 +45,8 @@ EXIT_NOT_FOUND = 11
 EXIT_SLURM = 12
 EXIT_MPI = 13
 EXIT_RUNNER = 14
+EXIT_JOB_RUNNING = 15
+EXIT_JOB_FINISHED = 16
 EXIT_REQUEUE = 85
 
 
@@ -195,6 +199,18 @@ class MPIError(HpcckptError):
 
 class RunnerUnreachableError(HpcckptError):
     exit_code = EXIT_RUNNER
+
+
+class JobRunningError(HpcckptError):
+    """Another runner holds the job's lease and is alive: a second live copy would fork its history."""
+
+    exit_code = EXIT_JOB_RUNNING
+
+
+class JobFinishedError(HpcckptError):
+    """The job's last run ended on its own; resuming it would run finished work again."""
+
+    exit_code = EXIT_JOB_FINISHED
 
 
 class DeadlineExceededError(HpcckptError):

@@ -57,7 +57,7 @@ POLICY = "hpcckpt_own_rows"
 ROLE_COMMENT = "hpcckpt catalog user"
 
 # Catalog tables with a uid column, and whether rows also carry the user's name.
-USER_TABLES: dict[str, bool] = {"checkpoints": True, "job_events": False}
+USER_TABLES: dict[str, bool] = {"checkpoints": True, "job_events": False, "job_leases": True}
 # Readable by every user: needed to check the schema version, holds nothing private.
 SHARED_READ_TABLES = ("schema_version",)
 

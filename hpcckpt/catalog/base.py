@@ -16,12 +16,13 @@ row-level security and a trigger that stamps each row's owner
 from __future__ import annotations
 
 import builtins
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from hpcckpt.catalog.model import COLUMNS, CkptRecord, Status
+from hpcckpt.catalog.model import COLUMNS, LEASE_COLUMNS, CkptRecord, LeaseRecord, LeaseState, Status
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError
 
@@ -30,6 +31,8 @@ Cursor = Any  # a DB-API cursor: sqlite3.Cursor or psycopg.Cursor
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
 _INSERT_COLS = tuple(c for c in COLUMNS if c != "ckptid")
+_LEASE_COLS = ", ".join(f'"{c}"' for c in LEASE_COLUMNS)
+_LEASE_SET = ", ".join(f'"{c}" = ?' for c in LEASE_COLUMNS if c not in ("uid", "job_id"))
 
 
 class Catalog(ABC):
@@ -353,6 +356,79 @@ class Catalog(ABC):
             return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
 
         return self._read(tx)
+
+    # -- job leases (hpcckpt.lease decides; these only read and compare-and-swap) --
+
+    def _lease_uid(self, uid: int | None) -> int:
+        scope = self._scope(uid)
+        return self.user.uid if scope is None else scope
+
+    def get_lease(self, job_id: str, *, uid: int | None = None) -> LeaseRecord | None:
+        """The job's lease row (live or how its last run ended), or None if it never had one."""
+        owner = self._lease_uid(uid)
+        sql = self._sql(f"SELECT {_LEASE_COLS} FROM job_leases WHERE uid = ? AND job_id = ?")
+
+        def tx(cur: Cursor) -> LeaseRecord | None:
+            cur.execute(sql, (owner, str(job_id)))
+            row = cur.fetchone()
+            return None if row is None else LeaseRecord.from_row(tuple(row))
+
+        return self._read(tx)
+
+    def swap_lease(self, lease: LeaseRecord, *, expect_token: str | None) -> bool:
+        """Write ``lease`` only if the row still holds ``expect_token`` (None: only if there is no row).
+
+        The one atomic step of taking a lease: whoever read the same row and
+        decided the same way loses here, and reads the winner's lease next.
+        """
+        self._scope(lease.uid)
+        values = dict(zip(LEASE_COLUMNS, lease.to_row(), strict=True))
+        if expect_token is None:
+            marks = ", ".join("?" for _ in LEASE_COLUMNS)
+            sql = self._sql(f"INSERT INTO job_leases ({_LEASE_COLS}) VALUES ({marks}) "
+                            "ON CONFLICT (uid, job_id) DO NOTHING")
+            params: tuple[Any, ...] = tuple(values[c] for c in LEASE_COLUMNS)
+        else:
+            sql = self._sql(f"UPDATE job_leases SET {_LEASE_SET} WHERE uid = ? AND job_id = ? AND token = ?")
+            params = (*(values[c] for c in LEASE_COLUMNS if c not in ("uid", "job_id")),
+                      lease.uid, lease.job_id, expect_token)
+
+        def tx(cur: Cursor) -> bool:
+            cur.execute(sql, params)
+            return int(cur.rowcount) == 1
+
+        return self._write(tx)
+
+    def renew_lease(self, job_id: str, token: str, *, expires: float, uid: int | None = None) -> bool:
+        """Push a live lease's expiry on; False if it is no longer ours (taken over or ended)."""
+        owner = self._lease_uid(uid)
+        sql = self._sql("UPDATE job_leases SET renewed = ?, expires = ? "
+                        "WHERE uid = ? AND job_id = ? AND token = ? AND state = ?")
+        now = self._clock()
+
+        def tx(cur: Cursor) -> bool:
+            cur.execute(sql, (now, float(expires), owner, str(job_id), token, LeaseState.LIVE.value))
+            return int(cur.rowcount) == 1
+
+        return self._write(tx)
+
+    def end_lease(self, job_id: str, token: str, *, state: LeaseState, exit_status: int | None = None,
+                  ended: float | None = None, options: dict[str, Any] | None = None,
+                  uid: int | None = None) -> bool:
+        """Let go of our lease, saying how the run ended; False if it was no longer ours."""
+        owner = self._lease_uid(uid)
+        sets = "state = ?, exit_status = ?, ended = ?" + (", options = ?" if options is not None else "")
+        sql = self._sql(f"UPDATE job_leases SET {sets} WHERE uid = ? AND job_id = ? AND token = ?")
+        params: list[Any] = [LeaseState(state).value, exit_status, ended]
+        if options is not None:
+            params.append(json.dumps(options, sort_keys=True, default=str))
+        params += [owner, str(job_id), token]
+
+        def tx(cur: Cursor) -> bool:
+            cur.execute(sql, tuple(params))
+            return int(cur.rowcount) == 1
+
+        return self._write(tx)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "location": self.location, "user": self.user.name}

@@ -87,3 +87,81 @@ class CkptRecord:
         doc = asdict(self)
         doc["status"] = Status(self.status).value
         return doc
+
+
+class LeaseState(str, Enum):
+    LIVE = "live"  # a runner holds the job (it may have died since: see hpcckpt.lease.judge)
+    STOPPED = "stopped"  # the last runner let go without the job ending (checkpoint-and-stop, failure)
+    EXITED = "exited"  # the job ended on its own, with exit_status at ended
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LEASE_COLUMNS: tuple[str, ...] = (
+    "uid",
+    "job_id",
+    "user",
+    "token",
+    "state",
+    "node",
+    "host",
+    "boot_id",
+    "pid",
+    "pid_start",
+    "slurm_job_id",
+    "slurm_step",
+    "restart_count",
+    "acquired",
+    "renewed",
+    "expires",
+    "ended",
+    "exit_status",
+    "options",
+)
+
+
+@dataclass
+class LeaseRecord:
+    """One job's lease row: who runs it (or ran it last), until when, and how its last run ended."""
+
+    uid: int
+    job_id: str
+    user: str = ""
+    token: str = ""
+    state: LeaseState = LeaseState.LIVE
+    node: str = ""  # the scheduler's name of the node (several Slurm nodes may share a host)
+    host: str = ""  # the kernel's hostname: where the pid means something
+    boot_id: str = ""  # and in which boot of it
+    pid: int = 0  # the runner's pid
+    pid_start: int = 0  # its start time in clock ticks since boot (/proc/PID/stat field 22)
+    slurm_job_id: str | None = None
+    slurm_step: str | None = None
+    restart_count: int = 0  # SLURM_RESTART_COUNT of the holder
+    acquired: float = 0.0
+    renewed: float = 0.0
+    expires: float = 0.0
+    ended: float | None = None
+    exit_status: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> LeaseRecord:
+        values = dict(zip(LEASE_COLUMNS, row, strict=True))
+        raw = values.pop("options") or "{}"
+        options = raw if isinstance(raw, dict) else json.loads(raw)
+        values["state"] = LeaseState(values["state"])
+        for key in ("uid", "pid", "pid_start", "restart_count"):
+            values[key] = int(values[key])
+        return cls(options=options, **values)
+
+    def to_row(self) -> tuple[Any, ...]:
+        doc = asdict(self)
+        doc["state"] = LeaseState(self.state).value
+        doc["options"] = json.dumps(self.options, sort_keys=True, default=str)
+        return tuple(doc[c] for c in LEASE_COLUMNS)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["state"] = LeaseState(self.state).value
+        return doc

@@ -11,11 +11,46 @@ Every row carries ``uid`` and ``user`` so that PostgreSQL row-level security
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _STATUS_CHECK = "status IN ('writing', 'committed', 'failed', 'deleted')"
 # Version 2: an image found damaged, or not the checkpoint its row names, is marked 'corrupt'.
 _STATUS_CHECK_2 = "status IN ('writing', 'committed', 'failed', 'deleted', 'corrupt')"
+_LEASE_STATE_CHECK = "state IN ('live', 'stopped', 'exited')"
+
+
+def _lease_table(integer: str, real: str) -> str:
+    """Version 3: one row per job, the lease that keeps a second runner from running it at the same time.
+
+    The row outlives its runner: ``state`` says how the last run ended
+    (``exited``: the job ended on its own, with ``exit_status`` at
+    ``ended``), and ``options`` keeps the run options a resume goes on with.
+    Keyed by (uid, job_id): two users may both name a job "sim", and under
+    row-level security neither may even learn of the other's row.
+    """
+    return f"""CREATE TABLE job_leases (
+                uid {integer} NOT NULL,
+                job_id TEXT NOT NULL,
+                "user" TEXT NOT NULL,
+                token TEXT NOT NULL,
+                state TEXT NOT NULL CHECK ({_LEASE_STATE_CHECK}),
+                node TEXT NOT NULL DEFAULT '',
+                host TEXT NOT NULL DEFAULT '',
+                boot_id TEXT NOT NULL DEFAULT '',
+                pid {integer} NOT NULL DEFAULT 0,
+                pid_start {integer} NOT NULL DEFAULT 0,
+                slurm_job_id TEXT,
+                slurm_step TEXT,
+                restart_count INTEGER NOT NULL DEFAULT 0,
+                acquired {real} NOT NULL,
+                renewed {real} NOT NULL,
+                expires {real} NOT NULL,
+                ended {real},
+                exit_status INTEGER,
+                options TEXT NOT NULL DEFAULT '{{}}',
+                PRIMARY KEY (uid, job_id)
+            )"""
+
 
 SQLITE_MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -97,6 +132,7 @@ SQLITE_MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX checkpoints_uid ON checkpoints (uid, ckptid)",
         ],
     ),
+    (3, [_lease_table("INTEGER", "REAL")]),
 ]
 
 POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -147,4 +183,5 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
             f"ALTER TABLE checkpoints ADD CONSTRAINT checkpoints_status_check CHECK ({_STATUS_CHECK_2})",
         ],
     ),
+    (3, [_lease_table("BIGINT", "DOUBLE PRECISION")]),
 ]

@@ -29,6 +29,13 @@ With --submit nothing is restored here: a new Slurm job is submitted with
 JOBID's batch script and resources, which resumes JOBID's latest image when
 it starts; its job id is printed.
 
+Only one copy of a job runs at a time: a job whose runner is alive (here, or
+on another node) is refused with exit 15, naming where it runs; a runner that
+died (its pid gone, its Slurm job ended, or its lease expired) is taken over.
+A job whose last run ended on its own is refused with exit 16 unless --force.
+The options the job last ran with (--interval, --deadline, --signal, --policy)
+apply again unless given here.
+
 Root resumes another user's job only with --as-owner USER: hpcckpt then
 becomes USER for good before it opens anything, and resumes exactly as USER
 would, so CRIU never runs with root's power. Every uid and gid recorded in
@@ -39,13 +46,15 @@ examples:
   hpcckpt resume 4242
   hpcckpt resume 4242 --ckpt 17
   hpcckpt resume mysim --interval 10m
+  hpcckpt resume mysim --force                         # its last run had ended; run it again anyway
   hpcckpt resume 4242 --submit                         # prints the new job id
   hpcckpt resume 4242 --submit --sbatch=--partition=long --sbatch=--time=2:00:00
   sudo hpcckpt resume 4242 --as-owner alice            # an admin, on alice's behalf
 
 exit codes: the job's own status (128+N if killed by signal N); 85
   checkpointed and stopped; 4 every image corrupt; 8 CRIU failed; 9 this node
-  or the job's files do not match; 10 not your checkpoint; 11 no checkpoint.
+  or the job's files do not match; 10 not your checkpoint; 11 no checkpoint;
+  15 the job is already running; 16 the job already ended (use --force).
 """
 
 
@@ -60,6 +69,8 @@ def register(sub: Any) -> None:
                    help="submit a new Slurm job that resumes JOBID, print its job id, and return")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPT",
                    help="with --submit: an extra sbatch option (repeatable; write --sbatch=--time=1:00:00)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though the job's last run ended on its own (exit status recorded)")
     p.add_argument("--as-owner", metavar="USER",
                    help="root only: become USER, then resume USER's job exactly as USER would")
     add_store_args(p)
@@ -88,4 +99,4 @@ def run(args: argparse.Namespace) -> int:
             as_owner = user_by_name(args.as_owner)
         except KeyError as err:
             raise UsageError(f"--as-owner: no user named {args.as_owner!r}") from err
-    return resume_job(args.job_id, opts, ckptid=args.ckpt, as_owner=as_owner)
+    return resume_job(args.job_id, opts, ckptid=args.ckpt, as_owner=as_owner, force=args.force)

@@ -19,6 +19,10 @@ warning signal (policy preemption.signals, default TERM and USR1) a final
 checkpoint is taken and hpcckpt exits 85 so that Slurm requeues the job
 (RequeueExit=85 in slurm.conf).
 
+Only one copy of a job id runs at a time (a lease in the catalog, renewed
+while the job runs); the job is killed if hpcckpt itself dies. The options
+given here are recorded for 'hpcckpt resume', which keeps them.
+
 examples:
   hpcckpt run --interval 10m -- ./simulate input.nml
   hpcckpt run --job-id mysim --interval 30 -- python train.py
@@ -29,7 +33,8 @@ examples:
 
 exit codes: the job's own status; 128+N if it was killed by signal N;
   85 checkpointed and stopped (requeue me); 2 usage; 3 policy; 8 CRIU could
-  not start the job; 9/4 a resume was refused or its images were corrupt.
+  not start the job; 9/4 a resume was refused or its images were corrupt;
+  15 this job id is already running (here or on another node).
 """
 
 

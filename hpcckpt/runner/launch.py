@@ -38,9 +38,12 @@ so ``hpcckpt run -- no-such-cmd`` fails with a clear error, not exit 127.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import select
+import signal
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +52,7 @@ from hpcckpt.engine.nsexec import CLONE_NEWNET, loopback_up
 from hpcckpt.errors import EngineError, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
@@ -141,16 +145,37 @@ def _enter_user_namespace(uid: int, gid: int) -> None:
     _write_proc_self("gid_map", gid_map)
 
 
+def _wait_for_runner(gate_r: int) -> None:
+    """In the job, before exec: wait for the runner's go-ahead, then die with the runner.
+
+    The runner writes one byte once it has reaped the helper (we are its
+    child then) and the job's network is ready; EOF means it gave up (or
+    died), and the command must not start. PR_SET_PDEATHSIG fires when the
+    *current* parent dies, which is why it is set only now: our first parent
+    is the helper, which exits at once. If the runner died just before the
+    prctl, its end of the pipe is closed (EOF): give up rather than run
+    unmanaged (``getppid()`` cannot tell: it is 0 for pid 1). CRIU saves and
+    restores the setting (and restores the job with CLONE_PARENT as the
+    runner's child), so a resumed job dies with its runner too. The parent
+    is a *thread*: the job is adopted by the runner's main thread; a restore
+    must run criu from the main thread too, or the job would die with the
+    thread that ran it.
+    """
+    if os.read(gate_r, 1) != b"g":
+        os._exit(127)
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if select.select([gate_r], [], [], 0)[0]:  # EOF: the runner died before the prctl
+        os._exit(127)
+    os.close(gate_r)
+
+
 def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int,
                 gate_r: int) -> None:
     """In the job (pid 1): the smallest possible path from fork to exec."""
     stage = _STAGE_SETUP
     try:
-        # The runner opens the gate once the helper is gone (we are its child now) and the job's
-        # network is ready; EOF means the runner gave up, so the command must not start.
-        if os.read(gate_r, 1) != b"g":
-            os._exit(127)
-        os.close(gate_r)
+        _wait_for_runner(gate_r)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -224,7 +249,8 @@ def spawn_in_pid_namespace(
     set_child_subreaper()
     info_r, info_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    gate_r, gate_w = os.pipe()
+    # The job waits on it before exec (see _wait_for_runner); close-on-exec, so the command never sees it.
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     helper = os.fork()
     if helper == 0:
         os.close(info_r)
@@ -235,17 +261,17 @@ def spawn_in_pid_namespace(
     os.close(err_w)
     os.close(gate_r)
     failure = raw = b""
+    opened = False
     try:
         os.waitpid(helper, 0)
         raw = os.read(info_r, _PID.size)
         if len(raw) == _PID.size:
-            try:
-                if before_exec is not None:
-                    before_exec(int(_PID.unpack(raw)[0]))
-                os.write(gate_w, b"g")
-            finally:
-                os.close(gate_w)
-                gate_w = -1
+            if before_exec is not None:
+                before_exec(int(_PID.unpack(raw)[0]))
+            # The helper is reaped, so the job has been reparented to us: it may now tie its life to
+            # ours. The gate stays open until the job has exec'd: its EOF would mean we died.
+            os.write(gate_w, b"g")
+            opened = True
         # EOF once the job has exec'd (close-on-exec) or died: then the error, if any, is here.
         while True:
             chunk = os.read(err_r, _ERR.size)
@@ -253,7 +279,12 @@ def spawn_in_pid_namespace(
                 break
             failure += chunk
     except BaseException:
-        if len(raw) == _PID.size:  # closing the gate unopened made the job exit; reap it
+        os.close(gate_w)  # unopened, it makes the job exit; reap it
+        gate_w = -1
+        if len(raw) == _PID.size:
+            if opened:  # it may be running the command already
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(_PID.unpack(raw)[0], signal.SIGKILL)
             os.waitpid(_PID.unpack(raw)[0], 0)
         raise
     finally:

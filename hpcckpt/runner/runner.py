@@ -186,6 +186,8 @@ class Runner:
         self.committed_any = False
         self._waiting: dict[str, socket.socket] = {}  # staged dump -> control connection awaiting its commit
         self._forced_status: int | None = None
+        #: The job ended by itself (exit or a signal it did not survive), not stopped by us after a checkpoint.
+        self.ended_on_its_own = False
 
     # -- set-up --------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class Runner:
 
     def _finish(self, status: int) -> int:
         code = exit_status(status)
+        self.ended_on_its_own = True
         self._join_pumps()
         hlog.event(_log, "runner.job_exited", f"job {self.cfg.job_id} ended with status {code}",
                    job_id=self.cfg.job_id, status=code)

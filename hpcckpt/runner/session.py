@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,9 +39,10 @@ from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import Criu
-from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, NotFoundError, StoreError, UsageError
+from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, JobFinishedError, NotFoundError, StoreError, UsageError
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.lease import DEFAULT_TTL_S, Lease, LeaseRecord, LeaseState, acquire
 from hpcckpt.pipeline.compress import compression_workers
 from hpcckpt.pipeline.flush import FlushSettings, Publisher, StorePublisher
 from hpcckpt.pipeline.predump import PreDumpPlan, plan_predump
@@ -70,6 +72,39 @@ class SessionOptions:
     deadline: float | None = None  # seconds for a final checkpoint; None: policy grace_time - grace_margin
     signals: Sequence[str] | None = None
 
+    def recorded(self) -> dict[str, Any]:
+        """What a later resume keeps of this run's options (the job's lease row holds it)."""
+        doc: dict[str, Any] = {}
+        if self.interval is not None:
+            doc["interval"] = str(self.interval)
+        if self.deadline is not None:
+            doc["deadline"] = float(self.deadline)
+        if self.signals:
+            doc["signals"] = [str(x) for x in self.signals]
+        if self.policy:
+            doc["policy"] = os.path.abspath(self.policy)
+        return doc
+
+    def over(self, recorded: dict[str, Any]) -> SessionOptions:
+        """These options (the command line's), falling back to the job's recorded ones where not given."""
+        def pick(key: str, mine: Any, kind: type | tuple[type, ...]) -> Any:
+            if mine is not None:
+                return mine
+            value = recorded.get(key)
+            return value if isinstance(value, kind) else None
+
+        policy = pick("policy", self.policy, str)
+        if policy is not None and self.policy is None and not os.path.isfile(policy):
+            hlog.event(_log, "resume.policy_gone", f"the job ran with policy file {policy}, which is gone; "
+                       "resuming with the default policy", 30)
+            policy = None
+        signals = self.signals or recorded.get("signals") or None
+        deadline = pick("deadline", self.deadline, (int, float))
+        return SessionOptions(store=self.store, catalog=self.catalog, policy=policy,
+                              interval=pick("interval", self.interval, str),
+                              deadline=None if deadline is None else float(deadline),
+                              signals=[str(x) for x in signals] if signals else None)
+
 
 @dataclass
 class Environment:
@@ -85,11 +120,15 @@ class Environment:
     network: JobNetwork = field(default_factory=lambda: JobNetwork(HOST, outside=False))
 
 
-def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = None) -> Environment:
+def _load_policy(opts: SessionOptions) -> Policy:
     cli: dict[str, Any] = {}
     if opts.interval is not None:
         cli["interval"] = opts.interval
-    pol = load_policy(user_file=Path(opts.policy) if opts.policy else None, cli=cli or None)
+    return load_policy(user_file=Path(opts.policy) if opts.policy else None, cli=cli or None)
+
+
+def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = None) -> Environment:
+    pol = _load_policy(opts)
     user = current_user()
     root = resolve_store_root(opts.store, pol.storage.root)
     url = resolve_catalog_url(opts.catalog, pol.storage.catalog)
@@ -238,6 +277,26 @@ def _announce(ident: JobIdentity) -> None:
         sys.stderr.flush()
 
 
+def _catalog_opener(env: Environment) -> Callable[[], Catalog]:
+    return lambda: open_catalog(env.catalog_url, env.store_root, env.user)
+
+
+def _refuse_finished(job_id: str, force: bool) -> Callable[[LeaseRecord | None], None]:
+    def check(prev: LeaseRecord | None) -> None:
+        if prev is None or prev.state is not LeaseState.EXITED or force:
+            return
+        when = "at an unknown time" if prev.ended is None else \
+            time.strftime("at %Y-%m-%d %H:%M:%S", time.localtime(prev.ended))
+        raise JobFinishedError(
+            f"job {job_id} already ended on its own: its last run exited with status {prev.exit_status} "
+            f"{when} on node {prev.node or prev.host}; resuming would run finished work again (and cut its "
+            "output files back to the checkpoint)",
+            hint=f"resume it anyway with 'hpcckpt resume {job_id} --force'",
+        )
+
+    return check
+
+
 def run_job(
     argv: Sequence[str],
     opts: SessionOptions,
@@ -246,10 +305,13 @@ def run_job(
     resume_if_possible: bool = False,
     engine: CheckpointEngine | None = None,
     publisher: PublisherFactory | None = None,
+    lease_ttl: float = DEFAULT_TTL_S,
 ) -> int:
     """``hpcckpt run``: start (or auto-resume) the job, checkpoint it, return its exit status.
 
-    ``publisher`` replaces the store publisher (tests inject a slow one).
+    ``publisher`` replaces the store publisher (tests inject a slow one). The
+    job's lease is held from before the start to the end (:mod:`hpcckpt.lease`),
+    and the options are recorded with it for a later resume.
     """
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
@@ -259,8 +321,14 @@ def run_job(
     want_resume = ident.requeued or resume_if_possible or resume_from is not None
     restored: Restored | None = None
     source_job = resume_from or ident.job_id
+    # Before anything is started or restored: a second live copy of the job is refused here.
+    lease = acquire(env.catalog, ident.job_id, options=opts.recorded(), ttl=lease_ttl)
     set_child_subreaper()
-    signals = _signal_queue(env, opts)
+    try:
+        signals = _signal_queue(env, opts)
+    except BaseException:
+        lease.give_back()
+        raise
     try:
         if want_resume:
             try:
@@ -300,22 +368,40 @@ def run_job(
     except BaseException:
         signals.restore()
         env.network.close()
+        lease.give_back()
         raise
-    return _drive(runner, env)
+    return _drive(runner, env, lease, _catalog_opener(env))
 
 
 def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
                engine: CheckpointEngine | None = None, as_owner: User | None = None,
-               publisher: PublisherFactory | None = None) -> int:
+               publisher: PublisherFactory | None = None, force: bool = False,
+               lease_ttl: float = DEFAULT_TTL_S) -> int:
     """``hpcckpt resume``: restore the job as our child, keep checkpointing it, return its exit status.
 
     ``as_owner``: root resumes that user's job by becoming the user first, for good.
+    The job's lease is taken before any file is looked at: a job that runs
+    elsewhere is refused (exit 15), and one whose last run ended on its own
+    needs ``force`` (exit 16). The options the job ran with (interval,
+    deadline, signals, policy file) apply unless ``opts`` gives others.
     """
     if as_owner is not None:
         become(as_owner)
     env = load_environment(opts, engine)
-    set_child_subreaper()
-    signals = _signal_queue(env, opts)
+    last = env.catalog.get_lease(job_id)
+    merged = opts.over(last.options if last is not None else {})
+    if merged != opts:
+        opts = merged
+        env.policy = _load_policy(opts)
+    # The merged options are recorded again: a later resume keeps what this one ran with.
+    lease = acquire(env.catalog, job_id, options=opts.recorded(), ttl=lease_ttl,
+                    check=_refuse_finished(job_id, force))
+    try:
+        set_child_subreaper()
+        signals = _signal_queue(env, opts)
+    except BaseException:
+        lease.give_back()
+        raise
     try:
         with terminal_progress("restore"):
             restored = _restored(env, job_id, ckptid)
@@ -333,8 +419,9 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
     except BaseException:
         signals.restore()
         env.network.close()
+        lease.give_back()
         raise
-    return _drive(runner, env)
+    return _drive(runner, env, lease, _catalog_opener(env))
 
 
 def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Sequence[str] = ()) -> str:
@@ -344,15 +431,20 @@ def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Seque
     return resubmit(job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy, extra_options=extra_options)
 
 
-def _drive(runner: Runner, env: Environment) -> int:
+def _drive(runner: Runner, env: Environment, lease: Lease, opener: Callable[[], Catalog]) -> int:
+    lease.keep(opener)
+    code: int | None = None
     try:
-        rc = runner.loop()
-        if rc != EXIT_REQUEUE:  # ended for good; a job stopped for a requeue may be restored here
+        code = runner.loop()
+        if code != EXIT_REQUEUE:  # ended for good; a job stopped for a requeue may be restored here
             scratch.remove(env.user, runner.ckpt.job.scratch)
-        return rc
+        return code
     finally:
         env.network.close()
         runner.restore_signals()
         if runner.control is not None:
             runner.control.close()
+        # How the run ended is what a later resume is judged by: on its own (exit status), or stopped.
+        state = LeaseState.EXITED if runner.ended_on_its_own else LeaseState.STOPPED
+        lease.release(state, exit_status=code)
         runner.ckpt.catalog.close()

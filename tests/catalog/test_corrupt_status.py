@@ -54,7 +54,7 @@ def test_version_1_sqlite_catalog_is_upgraded_with_its_rows_and_ids(tmp_path: Pa
     conn.close()
     cat = open_catalog(None, root, me)
     try:
-        assert cat.schema_version() == SCHEMA_VERSION == 2
+        assert cat.schema_version() == SCHEMA_VERSION == 3
         assert [r.ckptid for r in cat.list("old")] == [1, 2]
         assert cat.mark_corrupt(2, "damaged")
         assert commit(cat, me, "old") == 4  # no ckptid is ever reused

@@ -1,4 +1,4 @@
-"""Real jobs under real CRIU: checkpoint, crash, resume, fall back, restore twice."""
+"""Real jobs under real CRIU: checkpoint, crash, resume, fall back, one copy of a job at a time."""
 
 from __future__ import annotations
 
@@ -94,8 +94,11 @@ def test_corrupt_latest_falls_back_to_previous(work: Path) -> None:
     assert int(res.lines()[0]) > 0
 
 
-def test_same_image_restored_twice_at_once(work: Path) -> None:
-    """(f) two simultaneous restores of one image: two independent, working jobs."""
+def test_same_image_restored_twice_at_once_runs_one_copy(work: Path) -> None:
+    """(f) two simultaneous resumes of one job: exactly one runs it, the other is refused with exit 15.
+
+    Two live copies would write the same output files and checkpoint into the same chain (issue 17).
+    """
     run = start_counter(work, "twin")
     pid = job_pid("twin")
     wait_for(lambda: len(committed(run)) >= 1, 60, "a checkpoint")
@@ -103,14 +106,18 @@ def test_same_image_restored_twice_at_once(work: Path) -> None:
     ckpt = str(committed(run)[-1]["ckptid"])
     a = hpcckpt(["resume", "twin", "--ckpt", ckpt, "--interval", "1000"], work, "a", work / "store")
     b = hpcckpt(["resume", "twin", "--ckpt", ckpt, "--interval", "1000"], work, "b", work / "store")
-    wait_for(lambda: len(a.lines()) >= 20 and len(b.lines()) >= 20, 60, "both restored jobs to count")
-    for c in (a, b):
-        c.proc.send_signal(signal.SIGTERM)
-    codes = {a.wait(60), b.wait(60)}
-    assert codes == {85}
-    la, lb = [int(x) for x in a.lines()], [int(x) for x in b.lines()]
-    assert la[0] == lb[0] > 0
-    assert consecutive(la) and consecutive(lb)
+    loser = wait_for(lambda: next((c for c in (a, b) if c.proc.poll() is not None), None), 120,
+                     "one of the two resumes to be refused")
+    winner = b if loser is a else a
+    assert loser.proc.returncode == 15, loser.err.read_text()[-2000:]
+    assert "already running" in loser.err.read_text()
+    assert loser.lines() == [], "the refused resume ran the job anyway"
+    wait_for(lambda: len(winner.lines()) >= 20, 60, "the one restored job to count")
+    assert winner.proc.poll() is None
+    winner.proc.send_signal(signal.SIGTERM)
+    assert winner.wait(60) == 85
+    lines = [int(x) for x in winner.lines()]
+    assert lines[0] > 0 and consecutive(lines)
 
 
 @pytest.mark.slow

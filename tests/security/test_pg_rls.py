@@ -182,3 +182,39 @@ def test_hpcckpt_catalog_as_alice_lists_only_hers(server: pgpeer.PeerServer, ali
 def test_unsafe_role_names_are_refused(name: str) -> None:
     with pytest.raises(CatalogError):
         pg_security.check_role_name(name)
+
+
+_TAKE_LEASE = (
+    "import sys; from hpcckpt.catalog.postgres import PostgresCatalog; from hpcckpt.context import current_user; "
+    "from hpcckpt.lease import acquire; from hpcckpt.errors import JobRunningError\n"
+    "c = PostgresCatalog(sys.argv[1], current_user())\n"
+    "try:\n"
+    "    acquire(c, sys.argv[2], options={'interval': sys.argv[3]})\n"
+    "    print('taken')\n"
+    "except JobRunningError as e:\n"
+    "    print('refused', e)\n"
+    "finally:\n"
+    "    c.close()\n"
+)
+
+
+def test_job_leases_are_private_and_per_user(server: pgpeer.PeerServer, alice: UnixUser, bob: UnixUser) -> None:
+    """Alice and bob both name a job "sim": each takes their own lease, sees only it, and cannot touch the other's."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def take(user: UnixUser, interval: str) -> str:
+        res = run_as(user, [sys.executable, "-c", _TAKE_LEASE, server.url(), "sim", interval], env=env, cwd=Path("/"))
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    assert take(alice, "10") == "taken"
+    assert take(bob, "20") == "taken", "bob's job is not alice's, whatever its name"
+    # The lease-holding processes have exited, so their leases are taken over, each by its own user only.
+    assert take(alice, "30") == "taken"
+    assert ok(psql(server, alice, "SELECT uid, options FROM job_leases")) == [f"{alice.uid}|{{\"interval\": \"30\"}}"]
+    assert ok(psql(server, bob, "SELECT \"user\" FROM job_leases")) == ["bob"]
+    # Neither an update nor a claim in bob's name reaches bob's row.
+    ok(psql(server, alice, "UPDATE job_leases SET state = 'exited' WHERE \"user\" = 'bob'"))
+    ok(psql(server, alice, f"UPDATE job_leases SET uid = {bob.uid}, \"user\" = 'bob'"))
+    assert ok(psql(server, bob, "SELECT state, options FROM job_leases")) == ["live|{\"interval\": \"20\"}"]
+    assert ok(psql(server, alice, "SELECT \"user\" FROM job_leases")) == ["alice"]

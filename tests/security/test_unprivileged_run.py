@@ -12,6 +12,7 @@ a process with bob's credentials only: the kernel cannot map any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -259,9 +260,17 @@ def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser,
                 rows = doc if isinstance(doc, list) else doc.get("checkpoints", [])
                 committed = [r for r in rows if r.get("status") == "committed"]
         assert len(committed) >= 2, f"fewer than 2 checkpoints: {committed}"
+        # kill -9 of the runner alone: the job, in alice's own namespaces, dies with it (PR_SET_PDEATHSIG).
+        runner.kill()
+        runner.wait(timeout=10)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and _counters(alice):
+            time.sleep(0.2)
+        assert not _counters(alice), "alice's job runs on after its runner was killed"
     finally:
         # A node failure: the runner and the job die at once, no final checkpoint.
-        os.killpg(runner.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)
         for line in subprocess.run(["pgrep", "-u", str(alice.uid), "-f", "counter.py"], capture_output=True,
                                    text=True, check=False).stdout.split():
             os.kill(int(line), signal.SIGKILL)
@@ -308,6 +317,21 @@ def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser,
     total = [int(x) for x in out.read_text().split()][:count]
     assert again[0] == total[-1] + 1, "root's resume went on from alice's final checkpoint"
     assert owners == {alice.uid}, f"the admin's resume runs as alice only, found uids {owners}"
+
+
+def _counters(user: UnixUser) -> list[str]:
+    """Live (not zombie) counter.py processes of ``user``."""
+    found = subprocess.run(["pgrep", "-u", str(user.uid), "-f", "counter.py"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    alive = []
+    for pid in found:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
 
 
 def _pids_of(root: int) -> list[int]:
