@@ -96,7 +96,7 @@ def test_resume_failing_after_cutback_leaves_output_identical(work: Path) -> Non
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
-        res = hpcckpt(["resume", "fin", "--interval", "1000", *policy], work, "resume", work / "store")
+        res = hpcckpt(["resume", "fin", "--force", "--interval", "1000", *policy], work, "resume", work / "store")
         assert res.wait(120) == EngineError.exit_code, res.err.read_text()[-2000:]
     err = res.err.read_text()
     assert "Address already in use" in err
@@ -170,7 +170,7 @@ def test_removed_library_is_refused_before_any_file_is_touched(work: Path) -> No
     out, _ = finished_job(work, "lib", "0", str(lib))
     before = snapshot(out)
     lib.unlink()
-    res = hpcckpt(["resume", "lib", "--interval", "1000"], work, "resume", work / "store")
+    res = hpcckpt(["resume", "lib", "--force", "--interval", "1000"], work, "resume", work / "store")
     assert res.wait(120) == IncompatibleError.exit_code
     err = res.err.read_text()
     assert f"{lib}: no longer exists" in err and "no file was changed" in err
