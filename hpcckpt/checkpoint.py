@@ -66,6 +66,7 @@ from hpcckpt.jobid import JobIdentity
 from hpcckpt.pipeline.flush import Admission, Flusher, FlushResult, FlushSettings, Publisher
 from hpcckpt.pipeline.predump import PREDUMP_DIR, PreDumpEngine, PreDumpPlan, adopt_parent
 from hpcckpt.pipeline.staging import TMPFS, StagedCheckpoint, choose_staging, job_rss, staging_candidates
+from hpcckpt.runner import scratch
 from hpcckpt.runner.launch import needs_user_namespace
 from hpcckpt.store import Store
 
@@ -192,6 +193,7 @@ class Checkpointer:
         predump: PreDumpPlan | None = None,
         epilog_salvages: bool = False,
         external_connections: str = "close",
+        scratch_limit: int = 0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -208,6 +210,7 @@ class Checkpointer:
         # Under Slurm the epilog publishes complete staged dumps the runner could not flush in time.
         self.epilog_salvages = epilog_salvages
         self.external_connections = external_connections
+        self.scratch_limit = scratch_limit
         self._lock = threading.Condition()
         self._taken: dict[str, Staged] = {}
         self._done: dict[str, CheckpointResult | FlushResult] = {}
@@ -362,6 +365,12 @@ class Checkpointer:
                 # A final checkpoint's tree must not run on past its image: it stays stopped until the commit.
                 dumped, predumped = self._dump(pid, staged, "stopped" if final else "running", deadline,
                                                predumped, options)
+                # Right after the dump, while the job runs again: stopping it for the copy would take
+                # SIGSTOP/SIGCONT, which MPI daemons treat as job control (an orted forwards them and a
+                # singleton then hung in MPI_Finalize). Files the job rewrites in place meanwhile (shared
+                # memory) are a few milliseconds newer than its memory, as on the node itself.
+                if self.scratch_limit > 0 and scratch.has_content(self.job.scratch):
+                    self._capture_scratch(staged.dump_dir)
             except HpcckptError as err:
                 self.record_failure(err)
                 hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} "
@@ -397,6 +406,18 @@ class Checkpointer:
         hlog.event(_log, "checkpoint.staged", f"job {self.job.identity.job_id} dumped to {choice.kind} staging",
                    10, stage=staged.name, frozen_s=round(frozen, 3), staging=choice.kind, why=choice.reason)
         return taken
+
+    def _capture_scratch(self, dump_dir: Path) -> None:
+        """Copy the job's temporary directories into the dump, for a restore on a node that lacks them."""
+        try:
+            copied, left_out = scratch.capture(self.job.scratch, dump_dir, self.scratch_limit)
+        except OSError as err:
+            raise StoreError(f"cannot copy the job's temporary directories into the checkpoint: {err}",
+                             hint="check free space in node-local staging") from err
+        if left_out:
+            hlog.event(_log, "checkpoint.scratch_left_out", f"{len(left_out)} file(s) of the job's temporary "
+                       f"directories are not in the checkpoint (not regular files, or past job.scratch_max): "
+                       f"{', '.join(left_out[:5])}", 20 if copied else 30)
 
     def dump_options(self, pid: int) -> tuple[DumpOptions, netplan.NetPlan]:
         """The CRIU options for the job as it is now: what it holds decides, not a policy tuning.

@@ -527,6 +527,18 @@ class _FileScanner:
             index += 1
 
 
+# Directories hpcckpt keeps beside CRIU's images in a dump: the job's temporary files
+# (hpcckpt.runner.scratch), put back by the resumer with the caller's credentials; CRIU never reads them.
+SIDE_DIRS = frozenset({"hpcckpt-scratch"})
+
+
+def _is_plain_dir(dfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _open_member(dfd: int, name: str, dir_path: Path) -> tuple[int, os.stat_result] | None:
     """Open ``name`` in the directory for reading, refusing anything but a regular file.
 
@@ -592,6 +604,8 @@ def scan_credentials(images_dir: Path) -> list[Credential]:
         if len(names) > MAX_FILES:
             raise UnsafeImageError(f"{images_dir}: {len(names)} files, more than the {MAX_FILES} allowed")
         for name in names:
+            if name in SIDE_DIRS and _is_plain_dir(dfd, name):
+                continue
             opened = _open_member(dfd, name, images_dir)
             if opened is None:
                 continue

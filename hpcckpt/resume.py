@@ -43,7 +43,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -66,10 +66,12 @@ from hpcckpt.errors import (
 )
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
 from hpcckpt.image.binding import check_bound
+from hpcckpt.image.model import SectionInfo
 from hpcckpt.image.parent import chain_info
 from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver, ref_of
-from hpcckpt.image.stream import PreparedImage, prepare_image
+from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
+from hpcckpt.runner import scratch
 from hpcckpt.runner.launch import StdioPipes
 from hpcckpt.security import authorize_restore
 from hpcckpt.tails import Tails
@@ -105,9 +107,14 @@ def _stat(path: str) -> FileState | None:
 
 
 def plan_files(
-    files: Sequence[OpenFile], grown: str, stat: Callable[[str], FileState | None] = _stat
+    files: Sequence[OpenFile], grown: str, stat: Callable[[str], FileState | None] = _stat,
+    recreated: Collection[str] = (),
 ) -> FilePlan:
-    """What to do about each file the job had open; every problem is collected, not just the first."""
+    """What to do about each file the job had open; every problem is collected, not just the first.
+
+    ``recreated``: files this resume has just put back from the image (the job's temporary files,
+    missing on this node): a new inode is expected for them.
+    """
     if grown not in GROWN_CHOICES:
         raise UsageError(f"restore.grown_files must be one of {', '.join(GROWN_CHOICES)}, not {grown!r}")
     by_path: dict[str, list[OpenFile]] = {}
@@ -121,7 +128,7 @@ def plan_files(
         if now is None:
             plan.problems.append(f"{path}: the job had it open but it no longer exists")
             continue
-        if rec.inode and now.inode != rec.inode and now.dev == rec.dev:
+        if rec.inode and now.inode != rec.inode and now.dev == rec.dev and path not in recreated:
             plan.problems.append(f"{path}: was replaced by another file since the checkpoint (inode "
                                  f"{rec.inode} -> {now.inode})")
             continue
@@ -298,6 +305,11 @@ class EarlyCpuCheck:
         return self.engine.cpuinfo_check(images_dir)
 
 
+def _streamed(info: SectionInfo) -> bool:
+    """Which sections go to CRIU as streams: its bulk files, never the job's temporary files we put back."""
+    return is_bulk(info) and not info.name.startswith(scratch.IMAGE_DIR + "/")
+
+
 class Resumer:
     def __init__(
         self,
@@ -320,6 +332,22 @@ class Resumer:
         self.grown_files = grown_files
         self.stream = stream
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
+
+    def _populate_scratch(self, summary: ImageSummary, unpacked: Path) -> list[str]:
+        paths = summary.meta.extra.get("scratch")
+        if not isinstance(paths, list) or summary.meta.uid != self.user.uid:
+            return []  # another user's image is refused below, before anything is written
+        mine = [str(p) for p in paths if isinstance(p, str) and os.path.isabs(p)
+                and Path(p).parent.name == f"hpcckpt-{self.user.uid}"]
+        try:
+            created = scratch.populate(unpacked, self.user, mine)
+        except (HpcckptError, OSError) as err:
+            raise IncompatibleError(f"cannot put back the job's temporary directories: {err}",
+                                    hint="check that TMPDIR and /dev/shm are writable on this node") from err
+        if created:
+            hlog.event(_log, "resume.scratch_restored", f"put back {len(created)} file(s) of the job's temporary "
+                       "directories that this node did not have", files=created[:20])
+        return created
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
         if ckptid is not None:
@@ -426,7 +454,8 @@ class Resumer:
             if stream:
                 # Checks the whole image but the chunk data of its memory pages, which is checked chunk
                 # by chunk as CRIU reads it (hpcckpt.image.stream): no byte reaches CRIU unchecked.
-                prepared = prepare_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
+                prepared = prepare_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed},
+                                         bulk=_streamed)
                 summary = prepared.summary
             else:
                 # Checks every byte (and every chunk taken from a parent) while writing; a bad image
@@ -434,9 +463,12 @@ class Resumer:
                 summary = unpack_image(image, dest, self.resolve_parent, on_verified={cpu.NAME: cpu.feed})
             # The image must be the checkpoint its row names (not a copy of another one).
             check_bound(summary.meta, ref_of(rec), str(image))
+            # The job's own temporary directories, as they were at the checkpoint, where they are missing
+            # (on another node): CRIU reopens OpenMPI's session files and shared memory there.
+            recreated = self._populate_scratch(summary, dest)
             # Everything that can be checked is, before any file of the user's is touched.
             check_system(summary)
-            plan = plan_files(summary.files, self.grown_files)
+            plan = plan_files(summary.files, self.grown_files, recreated=set(recreated))
             problems = list(plan.problems)
             if (dest / "files.img").is_file():
                 problems += plan_paths(recorded_paths(dest), summary.files)

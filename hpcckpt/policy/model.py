@@ -69,6 +69,7 @@ class JobPolicy:
     network: str
     outside: bool
     external_connections: str
+    scratch_max: int
 
 
 @dataclass(frozen=True)

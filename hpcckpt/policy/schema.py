@@ -133,6 +133,9 @@ _FIELDS: tuple[Field, ...] = (
     Field("job.external_connections", EnumKind(choices=("close", "skip")), "close",
           "a checkpoint finds a connection to a peer outside the job: 'close' checkpoints anyway and "
           "the restored job finds it closed; 'skip' skips that checkpoint"),
+    Field("job.scratch_max", SizeKind(minimum=0), 1 << 30,
+          "most bytes of the job's own temporary directories (its TMPDIR, OpenMPI's shared memory) carried "
+          "in each checkpoint, so that it can be restored on another node (0: none)"),
     Field("criu.tcp_established", BoolKind(), False,
           "always pass --tcp-established (hpcckpt passes it by itself when the job holds connections)"),
     Field("criu.ext_unix_sk", BoolKind(), False, "allow unix sockets connected outside the job"),

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from hpcckpt import fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User
+from hpcckpt.criuimg import SIDE_DIRS
 from hpcckpt.errors import HpcckptError, StoreError
 from hpcckpt.pipeline.staging import remove_tree_at
 
@@ -81,3 +83,91 @@ def remove(user: User, paths: Iterable[str]) -> None:
                        f"{err}", 30)
         finally:
             os.close(fd)
+
+
+# Inside a staged dump (and so inside the image): the contents of the job's i-th temporary directory.
+IMAGE_DIR = "hpcckpt-scratch"
+assert IMAGE_DIR in SIDE_DIRS
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def has_content(paths: Iterable[str]) -> bool:
+    """Whether any of the directories holds anything (a cheap test made before each dump)."""
+    for raw in paths:
+        with contextlib.suppress(OSError), os.scandir(raw) as it:
+            if next(it, None) is not None:
+                return True
+    return False
+
+
+def capture(paths: Iterable[str], dest: Path, limit: int) -> tuple[int, list[str]]:
+    """Copy the regular files and directories of each of ``paths`` into ``dest/IMAGE_DIR/i``.
+
+    Called while the job is stopped, so that what it keeps there (OpenMPI's
+    session files and shared-memory segments) is what its memory expects. On
+    another node these directories are empty, and a restore without them
+    fails. Sockets, FIFOs and symlinks are left out (CRIU recreates a
+    listening socket itself once its directory exists). Returns the bytes
+    copied and what was left out; stops adding files at ``limit`` bytes.
+    """
+    total, left_out = 0, []
+    for i, raw in enumerate(paths):
+        src = Path(raw)
+        for root, dirs, files in os.walk(src, followlinks=False):
+            rel = Path(root).relative_to(src)
+            out_dir = dest / IMAGE_DIR / str(i) / rel
+            out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in files:
+                path = Path(root) / name
+                try:
+                    fd = os.open(path, _READ)
+                except OSError:  # a symlink (ELOOP), a socket (ENXIO), gone
+                    left_out.append(str(path))
+                    continue
+                with os.fdopen(fd, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode) or total + st.st_size > limit:
+                        left_out.append(str(path))
+                        continue
+                    target = out_dir / name
+                    with open(target, "wb") as out:
+                        os.chmod(target, st.st_mode & 0o777)
+                        total += os.sendfile(out.fileno(), f.fileno(), 0, st.st_size) if st.st_size else 0
+                    # The restore compares a file the job only reads with its recorded mtime.
+                    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
+    return total, left_out
+
+
+def populate(unpacked: Path, user: User, paths: Iterable[str]) -> list[str]:
+    """Before a restore: put back the files of the job's temporary directories that are missing here.
+
+    On another node they all are; on the node the job ran on they are still
+    there, and what is there is left alone (nothing is overwritten). Returns
+    the paths created.
+    """
+    created: list[str] = []
+    paths = list(paths)
+    prepare(user, paths)
+    for i, raw in enumerate(paths):
+        src = unpacked / IMAGE_DIR / str(i)
+        if not src.is_dir():
+            continue
+        for root, _dirs, files in os.walk(src, followlinks=False):
+            rel = Path(root).relative_to(src)
+            target_dir = Path(raw) / rel
+            target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in files:
+                target = target_dir / name
+                try:
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 os.stat(Path(root) / name).st_mode & 0o777)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "wb") as out, open(Path(root) / name, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if st.st_size:
+                        os.sendfile(out.fileno(), f.fileno(), 0, st.st_size)
+                    os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+                created.append(str(target))
+    return created

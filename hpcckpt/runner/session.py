@@ -217,7 +217,7 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         flush=FlushSettings.from_policy(pol, workers=compression_workers(codec)),
         publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
         retention=apply, predump=_predump_plan(env.engine), epilog_salvages=bool(os.environ.get("SLURM_JOB_ID")),
-        external_connections=pol.job.external_connections,
+        external_connections=pol.job.external_connections, scratch_limit=int(pol.job.scratch_max),
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
