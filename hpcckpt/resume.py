@@ -149,8 +149,9 @@ def plan_files(
     return plan
 
 
-# Pseudo-filesystems: CRIU reopens their files in the restored namespaces, not as this node has them now.
-_PSEUDO = ("/proc/", "/sys/")
+# Pseudo-filesystems: CRIU reopens their files in the restored namespaces, not as this node has them now;
+# it recreates pty pairs (mpirun holds /dev/pts/N for its ranks' stdio) itself.
+_PSEUDO = ("/proc/", "/sys/", "/dev/pts/")
 
 
 def _mode_size(path: str) -> tuple[int, int] | None:

@@ -153,7 +153,9 @@ def test_failed_restore_names_criu_cause_not_a_pipe_error(work: Path) -> None:
     """On the node's own network, a port taken since the checkpoint makes CRIU fail; the message says so."""
     pol = work / "host.yaml"
     pol.write_text("job:\n  network: host\n")
-    port = 7791
+    with socket.socket() as probe:  # the node's own network: a port nobody holds now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     run = hpcckpt(["run", "--policy", str(pol), "--job-id", "net-host", "--interval", "1", "--", sys.executable,
                    PAIR, str(port), "100000", "0.05"], work, "run", work / "store")
     pid = job_pid("net-host")
