@@ -301,6 +301,7 @@ class Resumer:
             except (ImageError, EngineError) as err:
                 msg = f"checkpoint {rec.ckptid} of job {job_id} cannot be restored: {err}"
                 fallbacks.append(msg)
+                self._event(rec, "fallback", f"{rec.ckptid}: {err}")
                 hlog.event(_log, "resume.fallback", msg + "; trying the one before it", 30, ckptid=rec.ckptid,
                            excerpt=getattr(err, "log_excerpt", ""))
                 last = err
@@ -311,6 +312,14 @@ class Resumer:
         if len(fallbacks) > 1:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
+
+    def _event(self, rec: CkptRecord, event: str, detail: str) -> None:
+        """A job event (``restore``, ``fallback``) that metrics and ``hpcckpt report`` count."""
+        try:
+            self.catalog.record_job_event(rec.job_id, uid=rec.uid, event=event, detail=detail[:2000],
+                                          node=node_name())
+        except HpcckptError as err:
+            hlog.event(_log, "resume.unrecorded", f"could not record the {event}: {err}", 30)
 
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
@@ -391,6 +400,7 @@ class Resumer:
                                        new_job_id=os.environ.get("SLURM_JOB_ID"))
         except HpcckptError as err:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
+        self._event(rec, "restore", str(rec.ckptid))
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
                    ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
                    parents=summary.parents, streamed=prepared is not None)

@@ -94,6 +94,11 @@ class MpiPolicy:
 
 
 @dataclass(frozen=True)
+class MetricsPolicy:
+    textfile: str | None
+
+
+@dataclass(frozen=True)
 class LoggingPolicy:
     level: str
     format: str
@@ -126,6 +131,7 @@ SECTION_CLASSES: dict[str, type] = {
     "restore": RestorePolicy,
     "pipeline": PipelinePolicy,
     "mpi": MpiPolicy,
+    "metrics": MetricsPolicy,
     "logging": LoggingPolicy,
     "site": SitePolicy,
 }
@@ -144,6 +150,7 @@ class Policy:
     restore: RestorePolicy
     pipeline: PipelinePolicy
     mpi: MpiPolicy
+    metrics: MetricsPolicy
     logging: LoggingPolicy
     site: SitePolicy
     # Provenance, not policy: excluded from equality and from the digest.

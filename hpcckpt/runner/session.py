@@ -41,6 +41,7 @@ from hpcckpt.engine.criu import Criu
 from hpcckpt.errors import HpcckptError, NotFoundError, UsageError
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.observe.metrics import close_job_metrics, start_job_metrics
 from hpcckpt.pipeline.compress import compression_workers
 from hpcckpt.pipeline.flush import FlushSettings, Publisher, StorePublisher
 from hpcckpt.pipeline.predump import PreDumpPlan, plan_predump
@@ -174,6 +175,8 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         flush=FlushSettings.from_policy(pol, workers=compression_workers(codec)),
         publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
         retention=apply, predump=_predump_plan(env.engine), epilog_salvages=bool(os.environ.get("SLURM_JOB_ID")),
+        after_attempt=start_job_metrics(pol.metrics.textfile, ident.job_id, env.user, disk_staging_base(env),
+                                        env.catalog),
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
@@ -320,4 +323,5 @@ def _drive(runner: Runner) -> int:
         runner.restore_signals()
         if runner.control is not None:
             runner.control.close()
+        close_job_metrics(runner.ckpt.after_attempt)
         runner.ckpt.catalog.close()
