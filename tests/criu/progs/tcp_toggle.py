@@ -1,0 +1,46 @@
+"""Counts like counter.py; while the file ARGV[1] exists, holds an established TCP connection on loopback.
+
+CRIU refuses to dump a connected TCP socket without --tcp-established, so
+creating the file makes checkpoints fail for real, and removing it makes
+them work again. The program writes ARGV[1].state ("on"/"off") once it has
+switched, so a test knows when the next checkpoint will fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+
+def main() -> None:
+    flag, tick = sys.argv[1], float(sys.argv[2])
+    held: list[socket.socket] = []
+    i = 0
+    while True:
+        want = os.path.exists(flag)
+        if want and not held:
+            srv = socket.socket()
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(1)
+            client = socket.create_connection(srv.getsockname())
+            peer, _ = srv.accept()
+            srv.close()
+            held = [client, peer]
+        elif not want and held:
+            for s in held:
+                s.close()
+            held = []
+        state = "on" if held else "off"
+        tmp = f"{flag}.state.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(state)
+        os.replace(tmp, f"{flag}.state")
+        print(i, flush=True)
+        i += 1
+        time.sleep(tick)
+
+
+if __name__ == "__main__":
+    main()
