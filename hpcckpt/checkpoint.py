@@ -194,6 +194,7 @@ class Checkpointer:
         epilog_salvages: bool = False,
         external_connections: str = "close",
         scratch_limit: int = 0,
+        after_attempt: Callable[[Catalog], None] | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -211,6 +212,8 @@ class Checkpointer:
         self.epilog_salvages = epilog_salvages
         self.external_connections = external_connections
         self.scratch_limit = scratch_limit
+        # Called with a catalog connection of the calling thread after each attempt (metrics refresh).
+        self.after_attempt = after_attempt
         self._lock = threading.Condition()
         self._taken: dict[str, Staged] = {}
         self._done: dict[str, CheckpointResult | FlushResult] = {}
@@ -256,6 +259,7 @@ class Checkpointer:
         else:
             hlog.event(_log, "checkpoint.publish_failed", f"checkpoint of job {self.job.identity.job_id} was not "
                        f"published: {fr.error}; the previous image stays the latest", 40, stage=fr.stage)
+        self._attempted(self._thread_catalog())
         with self._lock:
             self._done[fr.stage] = out
             self._fresh.append(out)
@@ -322,6 +326,13 @@ class Checkpointer:
                    "userns": needs_user_namespace()},
         )
 
+    def _row_meta(self, frozen: float | None, frozen_at: float | None, staging: str) -> dict[str, Any]:
+        """What the catalog row keeps for metrics and reports: the freeze and the interval in force."""
+        doc: dict[str, Any] = {"interval": dict(self.job.interval) if self.job.interval else None}
+        if frozen is not None:
+            doc.update(frozen_s=round(frozen, 6), frozen_at=frozen_at, staging=staging)
+        return doc
+
     def record_failure(self, err: HpcckptError | OSError) -> int | None:
         """A row marked failed, carrying the error and CRIU's log excerpt; None if the catalog is down too."""
         text = str(err)
@@ -331,13 +342,23 @@ class Checkpointer:
         try:
             ckptid = self.catalog.begin(job_id=self.job.identity.job_id, uid=self.job.user.uid,
                                         user=self.job.user.name, node=self.node, engine=self.engine.name,
-                                        **self._begin_kwargs())
+                                        meta=self._row_meta(None, None, ""), **self._begin_kwargs())
             self.catalog.fail(ckptid, text[-_ERROR_LIMIT:])
             return ckptid
         except HpcckptError as cat_err:
             hlog.event(_log, "checkpoint.unrecorded", f"could not record the failure in the catalog: {cat_err}",
                        30)
             return None
+        finally:
+            self._attempted(self.catalog)
+
+    def _attempted(self, cat: Catalog) -> None:
+        """A checkpoint attempt ended (committed or failed): the metrics hook, which must not fail a checkpoint."""
+        if self.after_attempt is not None:
+            try:
+                self.after_attempt(cat)
+            except Exception as err:  # metrics are best effort: never fail a checkpoint for them
+                hlog.event(_log, "checkpoint.metrics_failed", f"could not refresh the metrics: {err}", 30)
 
     # -- taking a dump ---------------------------------------------------------
 
@@ -377,6 +398,7 @@ class Checkpointer:
                            f"failed: {err}; the job goes on running", 40, excerpt=getattr(err, "log_excerpt", ""))
                 raise
             frozen = time.monotonic() - t_freeze
+            frozen_at = time.time() - frozen
             try:
                 tasks: list[TaskInfo] = snap.tasks
                 files = _files_at_dump(snap, staged.dump_dir)
@@ -388,7 +410,8 @@ class Checkpointer:
                 if predumped is not None:
                     adopt_parent(staged.dump_dir, predumped)
                     meta.extra["predump"] = True  # restored from an unpacked copy: CRIU streams no parents
-                staged.mark_done(meta, user, tasks=tasks, files=files)
+                staged.mark_done(meta, user, tasks=tasks, files=files,
+                                 begin={"meta": self._row_meta(frozen, frozen_at, choice.kind)})
             except (HpcckptError, OSError) as err:
                 if final:
                     signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)

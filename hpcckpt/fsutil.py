@@ -182,10 +182,12 @@ def atomic_write_bytes(
     *,
     uid: int | None = None,
     gid: int | None = None,
+    mode: int = PRIVATE_FILE_MODE,
 ) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
 
-    A crash leaves either the old content or the new, never a mix.
+    A crash leaves either the old content or the new, never a mix. ``mode``:
+    0600 unless the file is meant to be read by others (a metrics textfile).
     """
     path = Path(path)
     uid = os.geteuid() if uid is None else uid
@@ -195,6 +197,8 @@ def atomic_write_bytes(
         tmp = temp_name(path.name)
         fd = open_private_file_at(dir_fd, tmp, uid, gid)
         try:
+            if mode != PRIVATE_FILE_MODE:
+                os.fchmod(fd, mode)
             with os.fdopen(fd, "wb", closefd=True) as fh:
                 fh.write(data)
                 fh.flush()

@@ -381,6 +381,7 @@ class Resumer:
                 if marked is not None:
                     msg += f" (checkpoint {marked} is now marked corrupt)"
                 fallbacks.append(msg)
+                self._event(rec, "fallback", f"{rec.ckptid}: {err}")
                 hlog.event(_log, "resume.fallback", msg + "; trying the one before it", 30, ckptid=rec.ckptid,
                            excerpt=getattr(err, "log_excerpt", ""))
                 last = err
@@ -437,6 +438,14 @@ class Resumer:
                        "its files may be short by these bytes (tails.json there says which file each tail-N "
                        "is the end of: append it to that file by hand)", 30, path=str(old))
         return disk.root / f"tails-{os.getpid()}-{rec.ckptid}"
+
+    def _event(self, rec: CkptRecord, event: str, detail: str) -> None:
+        """A job event (``restore``, ``fallback``) that metrics and ``hpcckpt report`` count."""
+        try:
+            self.catalog.record_job_event(rec.job_id, uid=rec.uid, event=event, detail=detail[:2000],
+                                          node=node_name())
+        except HpcckptError as err:
+            hlog.event(_log, "resume.unrecorded", f"could not record the {event}: {err}", 30)
 
     def _try(self, rec: CkptRecord) -> Restored:
         image = Path(rec.path)
@@ -536,6 +545,7 @@ class Resumer:
                                        new_job_id=os.environ.get("SLURM_JOB_ID"))
         except HpcckptError as err:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
+        self._event(rec, "restore", str(rec.ckptid))
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
                    ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
                    parents=summary.parents, streamed=prepared is not None)

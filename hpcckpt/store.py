@@ -104,6 +104,8 @@ class Publication:
     file: BinaryIO
     temp_path: Path
     started: float = field(default_factory=time.monotonic)
+    # Merged into the row's meta by the commit (what the writer measured, for metrics and reports).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -203,7 +205,8 @@ class Store:
             self._step("renamed")
             os.fsync(dir_fd)
             self._step("dir_synced")
-            cat.commit(ckptid, path=str(final_path), size_bytes=size, duration=time.monotonic() - pub.started)
+            cat.commit(ckptid, path=str(final_path), size_bytes=size, duration=time.monotonic() - pub.started,
+                       meta=pub.meta or None)
             state = "committed"
             self._step("committed")
             hlog.event(

@@ -8,12 +8,12 @@
 #   - file capabilities on criu so ordinary users can checkpoint (--unprivileged)
 #   - a virtualenv at $HPCCKPT_VENV (default: ./.venv) with hpcckpt installed
 #
-# Usage: sudo scripts/setup.sh [--no-venv] [--extras test,mpi,postgres]
+# Usage: sudo scripts/setup.sh [--no-venv] [--extras test,mpi,postgres,report]
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${HPCCKPT_VENV:-$REPO/.venv}
-EXTRAS=${HPCCKPT_EXTRAS:-test,mpi,postgres}
+EXTRAS=${HPCCKPT_EXTRAS:-test,mpi,postgres,report}
 CACHE=${HPCCKPT_CACHE:-/var/cache/hpcckpt}
 MIN_CRIU=4.2
 WANT_VENV=1

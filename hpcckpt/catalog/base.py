@@ -157,8 +157,14 @@ class Catalog(ABC):
 
         return self._write(tx)
 
-    def commit(self, ckptid: int, *, path: str, size_bytes: int, duration: float) -> None:
-        """Mark a ``writing`` row committed. Call only once the image is durable at ``path``."""
+    def commit(
+        self, ckptid: int, *, path: str, size_bytes: int, duration: float, meta: dict[str, Any] | None = None
+    ) -> None:
+        """Mark a ``writing`` row committed. Call only once the image is durable at ``path``.
+
+        ``meta``: keys merged into the row's meta in the same transaction (what the flush measured:
+        bytes packed, bytes taken from the parent), so the commit stays the one durability point.
+        """
         now = self._clock()
 
         def tx(cur: Cursor) -> None:
@@ -168,6 +174,12 @@ class Catalog(ABC):
                     f"checkpoint {ckptid} is {status.value}, cannot commit it",
                     hint="gc may have declared its writer dead; take a new checkpoint",
                 )
+            if meta:
+                cur.execute(self._sql("SELECT meta FROM checkpoints WHERE ckptid = ?"), (ckptid,))
+                raw = cur.fetchone()[0] or "{}"
+                merged = {**(raw if isinstance(raw, dict) else json.loads(raw)), **meta}
+                cur.execute(self._sql("UPDATE checkpoints SET meta = ? WHERE ckptid = ?"),
+                            (json.dumps(merged, sort_keys=True, default=str), ckptid))
             cur.execute(
                 self._sql(
                     "UPDATE checkpoints SET status = ?, path = ?, size_bytes = ?, finished = ?, duration = ? "

@@ -3,9 +3,10 @@
 Writers on many nodes share the file, and the parallel filesystem's byte-range
 locks (which SQLite relies on) are weaker than a local disk's. So:
 
-- every write transaction holds ``catalog.sqlite.lock`` (``filelock``, flock)
-  first, then ``BEGIN IMMEDIATE``: writers queue on the lock instead of
-  failing on SQLite's, and a reader never sees a half-written file;
+- every write transaction holds ``catalog.sqlite.lock`` (an ``flock`` waited
+  for in the kernel, :mod:`hpcckpt.catalog.flock`) first, then ``BEGIN
+  IMMEDIATE``: writers queue on the lock instead of failing on SQLite's, and
+  a reader never sees a half-written file;
 - rollback journal (``journal_mode=DELETE``), never WAL: WAL's shared-memory
   index does not work across nodes;
 - ``busy_timeout`` plus retries with jittered backoff, so "database is locked"
@@ -27,9 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-import filelock
-
 from hpcckpt import log as hlog
+from hpcckpt.catalog import flock
 from hpcckpt.catalog.base import Catalog, Cursor
 from hpcckpt.catalog.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
 from hpcckpt.context import User
@@ -69,7 +69,7 @@ class SqliteCatalog(Catalog):
         self._busy_ms = busy_timeout_ms
         # One connection per Catalog, shared by threads under this lock.
         self._tlock = threading.RLock()
-        self._flock = filelock.FileLock(str(self.path) + ".lock", mode=0o600, thread_local=False)
+        self._lock_path = str(self.path) + ".lock"
         self._conn: sqlite3.Connection | None = None
         with self._identity():
             self._prepare_file()
@@ -178,13 +178,17 @@ class SqliteCatalog(Catalog):
     def _write(self, fn: Callable[[Cursor], T]) -> T:
         def attempt() -> T:
             try:
-                # Short timeout per try: _retry owns the overall deadline and the jitter.
-                with self._flock.acquire(timeout=self._deadline_s):
+                with flock.exclusive(self._lock_path, self._deadline_s):
                     return self._run_tx(fn, "BEGIN IMMEDIATE")
-            except filelock.Timeout as exc:
+            except flock.LockTimeout as exc:
                 raise CatalogError(
-                    f"{self._flock.lock_file}: could not take the catalog lock in {self._deadline_s:.0f}s",
+                    f"{self._lock_path}: could not take the catalog lock in {self._deadline_s:.0f}s",
                     hint="another writer holds it; check for hung hpcckpt processes",
+                ) from exc
+            except OSError as exc:
+                raise CatalogError(
+                    f"{self._lock_path}: cannot lock the catalog: {exc.strerror}",
+                    hint="the filesystem must support flock (Lustre: mount with -o flock)",
                 ) from exc
 
         with self._tlock:

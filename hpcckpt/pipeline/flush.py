@@ -154,7 +154,8 @@ class StorePublisher:
         begin["meta"] = {**dict(begin.get("meta") or {}), "stage": staged.name}
         with self.store.publish(self._cat(), job_id=meta.job_id, engine=meta.engine,
                                 node=meta.node or node_name(), parent=parent, **begin) as pub:
-            write(pub.file, pub.ckptid)
+            stats = write(pub.file, pub.ckptid)
+            pub.meta.update(bytes_in=stats.bytes_in, bytes_out=stats.bytes_out, ref_bytes=stats.ref_bytes)
         return int(pub.ckptid), Path(pub.path)
 
     def committed_stages(self, job_id: str) -> set[str]:

@@ -103,6 +103,11 @@ class MpiPolicy:
 
 
 @dataclass(frozen=True)
+class MetricsPolicy:
+    textfile: str | None
+
+
+@dataclass(frozen=True)
 class LoggingPolicy:
     level: str
     format: str
@@ -136,6 +141,7 @@ SECTION_CLASSES: dict[str, type] = {
     "restore": RestorePolicy,
     "pipeline": PipelinePolicy,
     "mpi": MpiPolicy,
+    "metrics": MetricsPolicy,
     "logging": LoggingPolicy,
     "site": SitePolicy,
 }
@@ -155,6 +161,7 @@ class Policy:
     restore: RestorePolicy
     pipeline: PipelinePolicy
     mpi: MpiPolicy
+    metrics: MetricsPolicy
     logging: LoggingPolicy
     site: SitePolicy
     # Provenance, not policy: excluded from equality and from the digest.

@@ -158,6 +158,9 @@ _FIELDS: tuple[Field, ...] = (
           "size of the chunks image data is cut into (checksummed and compressed each)"),
     Field("mpi.coordination_timeout", DurationKind(minimum=1), 300,
           "how long ranks wait for each other to reach a checkpoint"),
+    Field("metrics.textfile", PathKind(), None,
+          "node_exporter textfile the runner rewrites after each checkpoint attempt; {job} and {user} are "
+          "replaced (null: off)"),
     Field("logging.level", EnumKind(choices=("debug", "info", "warning", "error"), lower=True), "info",
           "log level"),
     Field("logging.format", EnumKind(choices=("auto", "json", "human")), "auto",

@@ -43,6 +43,7 @@ from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, JobFinishedError, NotFoun
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
 from hpcckpt.lease import DEFAULT_TTL_S, Lease, LeaseRecord, LeaseState, acquire
+from hpcckpt.observe.metrics import close_job_metrics, start_job_metrics
 from hpcckpt.pipeline.compress import compression_workers
 from hpcckpt.pipeline.flush import FlushSettings, Publisher, StorePublisher
 from hpcckpt.pipeline.predump import PreDumpPlan, plan_predump
@@ -218,6 +219,8 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
         retention=apply, predump=_predump_plan(env.engine), epilog_salvages=bool(os.environ.get("SLURM_JOB_ID")),
         external_connections=pol.job.external_connections, scratch_limit=int(pol.job.scratch_max),
+        after_attempt=start_job_metrics(pol.metrics.textfile, ident.job_id, env.user, disk_staging_base(env),
+                                        env.catalog),
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
@@ -447,4 +450,5 @@ def _drive(runner: Runner, env: Environment, lease: Lease, opener: Callable[[], 
         # How the run ended is what a later resume is judged by: on its own (exit status), or stopped.
         state = LeaseState.EXITED if runner.ended_on_its_own else LeaseState.STOPPED
         lease.release(state, exit_status=code)
+        close_job_metrics(runner.ckpt.after_attempt)
         runner.ckpt.catalog.close()

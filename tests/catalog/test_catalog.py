@@ -197,3 +197,12 @@ def test_sqlite_garbage_file_is_a_clear_error(store_root: Path, me: User) -> Non
     with pytest.raises(CatalogError, match=r"bad\.sqlite") as err:
         open_catalog(str(path), store_root, me)
     assert "rebuild" in (err.value.hint or "")
+
+
+def test_commit_merges_what_the_writer_measured_into_meta(cat: Catalog, me: User) -> None:
+    ck = cat.begin(job_id="m", uid=me.uid, user=me.name, node="n", engine="criu",
+                   meta={"stage": "stage-1", "frozen_s": 0.25})
+    cat.commit(ck, path="/x/ckpt-1.hck", size_bytes=10, duration=1.0, meta={"ref_bytes": 7, "bytes_in": 30})
+    rec = cat.get(ck)
+    assert rec is not None and rec.status == "committed"
+    assert rec.meta == {"stage": "stage-1", "frozen_s": 0.25, "ref_bytes": 7, "bytes_in": 30}

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from hpcckpt.engine.netplan import Endpoint, classify, parse_tcp_table
@@ -70,34 +67,6 @@ def test_loopback_tcp_job_resumes_at_once_beside_a_job_on_the_same_port(work: Pa
         kill_everything(res, job_pid("net-a"))
     finally:
         kill_everything(other, other_pid)
-
-
-@pytest.fixture
-def outside_server() -> Iterator[tuple[str, int, list[socket.socket]]]:
-    """A TCP server on this machine's own non-loopback address: outside the job, inside the machine."""
-    addrs = [a.address for nic, lst in psutil.net_if_addrs().items() if nic != "lo"
-             for a in lst if a.family == socket.AF_INET and not a.address.startswith("127.")]
-    assert addrs, "this machine has no non-loopback IPv4 address for the job to reach"
-    srv = socket.socket()
-    srv.bind((addrs[0], 0))
-    srv.listen()
-    accepted: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-            threading.Thread(target=lambda c=conn: [None for _ in iter(lambda: c.recv(4096), b"")],
-                             daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield addrs[0], srv.getsockname()[1], accepted
-    srv.close()
-    for c in accepted:
-        c.close()
 
 
 @pytest.mark.criu

@@ -1,0 +1,22 @@
+"""The jobs a command may show: a user's own; root's, every user's (or one user's)."""
+
+from __future__ import annotations
+
+from hpcckpt.catalog.access import Setup, has_catalog, opened, shared_catalog, target_users
+from hpcckpt.context import User
+from hpcckpt.observe.jobstats import JobStats, load_jobs
+
+
+def visible_jobs(setup: Setup, acting: User, *, user_name: str | None = None, job_id: str | None = None,
+                 since: float | None = None) -> list[JobStats]:
+    """Jobs with a row or event since ``since`` (None: all), read from each user's catalog as that user."""
+    if shared_catalog(setup) and acting.is_root and user_name is None:
+        with opened(setup, acting) as (cat, _):
+            return load_jobs(cat, job_id=job_id, since=since)
+    jobs: list[JobStats] = []
+    for user in target_users(setup.store_root, acting, user_name):
+        if not has_catalog(setup, user):
+            continue
+        with opened(setup, user) as (cat, _):
+            jobs.extend(load_jobs(cat, uid=user.uid, job_id=job_id, since=since))
+    return sorted(jobs, key=lambda j: (j.user, j.job_id))
