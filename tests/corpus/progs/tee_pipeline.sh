@@ -1,5 +1,5 @@
 #!/bin/sh
-# Shell pipeline corpus program: a shell loop | tr | tee OUTDIR/trace.txt, then a digest of the trace.
+# Shell pipeline corpus program: a shell loop | sed | tee OUTDIR/trace.txt, then a digest of the trace.
 # usage: sh tee_pipeline.sh OUTDIR STEPS DELAY_MS
 # The loop computes a deterministic sequence in shell arithmetic and sleeps DELAY_MS between steps; `tee`
 # writes every line to the trace and to stdout, where "step I" shows the progress.
@@ -12,6 +12,6 @@ while [ "$i" -lt "$steps" ]; do
   echo "step $i value $x"
   [ "$delay" -gt 0 ] && sleep "$pause"
   i=$((i + 1))
-done | tr 'a-z' 'A-Z' | sed -u 's/^STEP /step /' | tee "$out/trace.txt"
+done | sed -u 's/ value / v=/' | tee "$out/trace.txt"
 wc -l < "$out/trace.txt" > "$out/result.txt"
 cksum < "$out/trace.txt" >> "$out/result.txt"
