@@ -46,7 +46,7 @@ class Case:
     def argv(self, built: Built, outdir: Path, *, delay_ms: int | None = None) -> list[str]:
         delay = str(self.delay_ms if delay_ms is None else delay_ms)
         tail = [str(outdir), str(self.steps), delay]
-        py = [built.python, "-u"]
+        py = [built.python]
         if self.name == "mpi-singleton":
             return [str(built.mpi_steps), *tail]
         if self.name == "mpirun-c":
@@ -125,7 +125,6 @@ def job_env(scratch: Path) -> dict[str, str]:
         # Ranks killed with SIGKILL leave their shared-memory segments behind: keep them in the job's scratch.
         "OMPI_MCA_btl_vader_backing_directory": str(scratch),
         "OMP_NUM_THREADS": "2",
-        "PYTHONUNBUFFERED": "1",
     }
 
 

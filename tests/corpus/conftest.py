@@ -9,6 +9,7 @@ import pytest
 
 from tests.corpus.cases import Built, Case, build, missing_tools, run_uninterrupted
 from tests.criu.conftest import criu_ok, work  # noqa: F401
+from tests.slurm.fixtures import cluster  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,14 @@ def committed(store: Path, job: str) -> list[int]:
 
 
 def failures(cmd: Cmd) -> str:
-    """The checkpoint failures a run logged, for the assertion messages."""
-    return "\n".join(str(e.get("msg") or e) for e in cmd.events() if e.get("level") in ("warning", "error"))[-3000:]
+    """The warnings and errors a run logged, each once, with CRIU's own lines: for the assertion messages."""
+    seen: list[str] = []
+    for e in cmd.events():
+        if e.get("level") in ("warning", "error"):
+            text = f"{e.get('event')}: {e.get('excerpt') or e.get('msg')}"
+            if text not in seen:
+                seen.append(text)
+    return "\n".join(seen)[-3000:]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.mpi] if c.mpi else [])
@@ -71,7 +77,7 @@ def test_killed_then_resumed_on_same_node_matches_uninterrupted(
         finally:
             if res.proc.poll() is None:
                 res.proc.kill()
-        assert status == 0, f"resume of {case.name} ended {status}:\n{res.err.read_text(errors='replace')[-3000:]}"
+        assert status == 0, f"resume of {case.name} ended {status}:\n{failures(res)}"
     after = steps_printed(res.out.read_text(errors="replace"))
     assert after, f"the resumed {case.name} printed no step"
     assert 0 < after[0] <= before[-1] + 1, (
