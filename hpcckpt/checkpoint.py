@@ -49,7 +49,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,9 @@ from hpcckpt import criuimg, fsutil, procinfo
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User, node_name
+from hpcckpt.engine import netplan
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions, DumpResult
-from hpcckpt.errors import DeadlineExceededError, HpcckptError, StoreError
+from hpcckpt.errors import DeadlineExceededError, ExternalConnectionError, HpcckptError, StoreError
 from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity
@@ -188,6 +189,7 @@ class Checkpointer:
         node: str | None = None,
         predump: PreDumpPlan | None = None,
         epilog_salvages: bool = False,
+        external_connections: str = "close",
     ) -> None:
         self.engine = engine
         self.store = store
@@ -203,6 +205,7 @@ class Checkpointer:
         self.predump = predump or PreDumpPlan(False, "not probed")
         # Under Slurm the epilog publishes complete staged dumps the runner could not flush in time.
         self.epilog_salvages = epilog_salvages
+        self.external_connections = external_connections
         self._lock = threading.Condition()
         self._taken: dict[str, Staged] = {}
         self._done: dict[str, CheckpointResult | FlushResult] = {}
@@ -348,14 +351,15 @@ class Checkpointer:
             # The tree and its open files are read while the job still runs; only their sizes must be the
             # sizes at the freeze, and those come from CRIU's images below, after the job runs again.
             snap = procinfo.snapshot(pid)
-            # A final checkpoint (the job stops anyway, often within a grace time) wants the least total
-            # time, not the shortest freeze: no pre-dump.
-            predumped = None if final else self._pre_dump(pid, staged.path, deadline)
-            t_freeze = time.monotonic()
             try:
+                options, net = self.dump_options(pid)
+                # A final checkpoint (the job stops anyway, often within a grace time) wants the least
+                # total time, not the shortest freeze: no pre-dump.
+                predumped = None if final else self._pre_dump(pid, staged.path, deadline, options)
+                t_freeze = time.monotonic()
                 # A final checkpoint's tree must not run on past its image: it stays stopped until the commit.
                 dumped, predumped = self._dump(pid, staged, "stopped" if final else "running", deadline,
-                                               predumped)
+                                               predumped, options)
             except HpcckptError as err:
                 self.record_failure(err)
                 hlog.event(_log, "checkpoint.dump_failed", f"checkpoint of job {self.job.identity.job_id} "
@@ -367,6 +371,9 @@ class Checkpointer:
                 files = _files_at_dump(snap, staged.dump_dir)
                 self.engine.cpuinfo_dump(staged.dump_dir)
                 meta = self._meta(pid)
+                meta.extra.update(options.recorded())
+                # Closed in the restored job, which would otherwise wait on a peer that is not there.
+                meta.extra["external_connections"] = [[c.peer.host, c.peer.port] for c in net.external]
                 if predumped is not None:
                     adopt_parent(staged.dump_dir, predumped)
                     meta.extra["predump"] = True  # restored from an unpacked copy: CRIU streams no parents
@@ -389,7 +396,31 @@ class Checkpointer:
                    10, stage=staged.name, frozen_s=round(frozen, 3), staging=choice.kind, why=choice.reason)
         return taken
 
-    def _pre_dump(self, pid: int, stage: Path, deadline: float | None) -> Path | None:
+    def dump_options(self, pid: int) -> tuple[DumpOptions, netplan.NetPlan]:
+        """The CRIU options for the job as it is now: what it holds decides, not a policy tuning.
+
+        Raises :class:`ExternalConnectionError` when a connection leaves the job
+        and policy ``job.external_connections`` is ``skip``.
+        """
+        net = netplan.plan_for(pid, procinfo.tree_pids(pid))
+        if net.external:
+            where = net.describe_external()
+            if self.external_connections == "skip":
+                raise ExternalConnectionError(
+                    f"checkpoint skipped: job {self.job.identity.job_id} holds connections to peers outside "
+                    f"it ({where}), and job.external_connections is 'skip'",
+                    hint="close them before the next interval, or set job.external_connections: close "
+                         "(the restored job then finds them closed)")
+            hlog.event(_log, "checkpoint.external_connections",
+                       f"job {self.job.identity.job_id} holds connections to peers outside it ({where}); "
+                       "they are checkpointed but will be closed in a restored job "
+                       "(job.external_connections: close)", 30)
+        options = self.options
+        if net.needs_tcp_established and not options.tcp_established:
+            options = replace(options, tcp_established=True)
+        return options, net
+
+    def _pre_dump(self, pid: int, stage: Path, deadline: float | None, options: DumpOptions) -> Path | None:
         """Pre-dump into ``stage/predump`` while the job runs; None when off, or when it failed (then off)."""
         if not self.predump.enabled:
             return None
@@ -397,7 +428,7 @@ class Checkpointer:
         where = stage / PREDUMP_DIR
         try:
             fsutil.ensure_private_dir(where, self.job.user.uid, self.job.user.gid, base=stage)
-            res = self.engine.pre_dump(pid, where, options=self.options, timeout=_remaining(deadline))
+            res = self.engine.pre_dump(pid, where, options=options, timeout=_remaining(deadline))
         except (HpcckptError, OSError) as err:
             shutil.rmtree(where, ignore_errors=True)
             self._predump_off(f"pre-dump failed: {err}")
@@ -407,12 +438,12 @@ class Checkpointer:
         return where
 
     def _dump(self, pid: int, staged: StagedCheckpoint, after: str, deadline: float | None,
-              predumped: Path | None) -> tuple[DumpResult, Path | None]:
+              predumped: Path | None, options: DumpOptions) -> tuple[DumpResult, Path | None]:
         """The dump, tracked against the pre-dump if there is one; (result, the pre-dump it used)."""
         if predumped is not None:
             assert isinstance(self.engine, PreDumpEngine)
             try:
-                return self.engine.dump(pid, staged.dump_dir, options=self.options, after=after,
+                return self.engine.dump(pid, staged.dump_dir, options=options, after=after,
                                         timeout=_remaining(deadline), track_from=predumped), predumped
             except DeadlineExceededError:
                 raise
@@ -421,7 +452,7 @@ class Checkpointer:
             shutil.rmtree(predumped, ignore_errors=True)
             shutil.rmtree(staged.dump_dir, ignore_errors=True)
             fsutil.ensure_private_dir(staged.dump_dir, self.job.user.uid, self.job.user.gid, base=staged.path)
-        return self.engine.dump(pid, staged.dump_dir, options=self.options, after=after,
+        return self.engine.dump(pid, staged.dump_dir, options=options, after=after,
                                 timeout=_remaining(deadline)), None
 
     def _predump_off(self, why: str) -> None:

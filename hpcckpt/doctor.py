@@ -20,6 +20,7 @@ from typing import Any
 
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import HpcckptError
+from hpcckpt.runner import network
 
 
 @dataclass
@@ -172,11 +173,43 @@ def check_mpi4py() -> Check:
     )
 
 
+def check_network() -> list[Check]:
+    """Whether jobs can have a network namespace of their own, reach the outside from it, and which lock
+    CRIU would use for a job on the node's own network (policy job.network: host)."""
+    unshare = shutil.which("unshare")
+    argv = [unshare or "unshare", *(["--user", "--map-root-user"] if os.getuid() != 0 else []), "--net", "true"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+        ok, why = proc.returncode == 0, proc.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        ok, why = False, str(err)
+    out = [Check("network namespace", ok,
+                 "jobs get a network namespace of their own (job.network: private)" if ok
+                 else f"cannot create a network namespace: {why}",
+                 fix="" if ok else "allow user namespaces, or set job.network: host in the site policy")]
+    helper = network.helper_path()
+    tun = Path("/dev/net/tun")
+    tun_ok = tun.exists() and (os.getuid() == 0 or os.access(tun, os.R_OK | os.W_OK))
+    out.append(Check("outside link", bool(helper and tun_ok),
+                     f"{helper}: private jobs reach the outside (outbound only)" if helper and tun_ok
+                     else ("slirp4netns is not installed" if not helper else "/dev/net/tun is not usable by you")
+                     + ": private jobs have loopback only",
+                     fix="" if helper and tun_ok else "apt-get install slirp4netns; chmod 0666 /dev/net/tun "
+                     "(udev's default)", required=False))
+    lock = ("iptables" if shutil.which("iptables-restore") else "nftables" if shutil.which("nft") else None)
+    out.append(Check("network lock", lock is not None,
+                     "private jobs need none; jobs with job.network: host lock with "
+                     + (lock or "nothing: neither iptables nor nftables is installed"),
+                     fix="" if lock else "apt-get install nftables (only for job.network: host)", required=False))
+    return out
+
+
 def run_checks(inputs: DoctorInputs) -> list[Check]:
     checks: list[Check] = []
     steps: list[Callable[[], Check | list[Check]]] = [
         check_criu,
         check_pid_namespace,
+        check_network,
         lambda: check_store(inputs),
         lambda: check_catalog(inputs),
         check_slurm,

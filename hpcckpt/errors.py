@@ -167,6 +167,10 @@ class EngineNotFoundError(EngineError):
     pass
 
 
+class ExternalConnectionError(EngineError):
+    """A checkpoint was skipped: the job holds a connection to a peer outside it (job.external_connections)."""
+
+
 class IncompatibleError(HpcckptError):
     """The image cannot run here: CPU, kernel or the job's files differ."""
 

@@ -373,7 +373,8 @@ class Resumer:
             try:
                 # Streamed, CRIU starts while the CPU check runs: the streamer serves it nothing, not
                 # even its inventory, until last_checks() has passed (and CRIU fails if they do not).
-                res = self.engine.restore(dest, options=self.options, inherit_fds=inherit,
+                res = self.engine.restore(dest, options=self.options.for_image(summary.meta.extra),
+                                          inherit_fds=inherit,
                                           source=prepared.open if prepared is not None else None,
                                           gate=last_checks if prepared is not None else None)
             except BaseException:

@@ -38,6 +38,8 @@ APT_PKGS=(
   # CRIU build dependencies (bookworm)
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libaio-dev libgnutls28-dev libnftables-dev uuid-dev iproute2 nftables
+  # a job's own network namespace reaches the outside through slirp4netns (policy job.network)
+  slirp4netns util-linux
   # Slurm test cluster, MPI, PostgreSQL catalog
   slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev postgresql procps
 )
@@ -178,6 +180,14 @@ setup_caps() {
   fi
 }
 
+setup_tun() {
+  # slirp4netns opens /dev/net/tun inside an ordinary user's namespace. udev makes it 0666 on a
+  # booted Debian node; a container or a minimal VM may leave the kernel node root-only.
+  if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+    chmod 0666 /dev/net/tun && log "/dev/net/tun: made 0666, as udev does"
+  fi
+}
+
 setup_venv() {
   [ $WANT_VENV = 1 ] || return 0
   local stamp="$VENV/.hpcckpt-stamp" sum
@@ -195,5 +205,6 @@ setup_venv() {
 install_packages
 setup_criu
 setup_caps
+setup_tun
 setup_venv
 log "done. Try: ${VENV}/bin/hpcckpt doctor"

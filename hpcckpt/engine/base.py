@@ -10,7 +10,7 @@ files, so that failure handling can be exercised without root.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,19 +26,37 @@ class DumpOptions:
     file_locks: bool = False
     link_remap: bool = False
     extra_args: Sequence[str] = ()
+    # "private": the job has a network namespace of its own (policy job.network); criu then dumps
+    # from inside it and restores into a fresh one. "host": the node's own, as before.
+    network: str = "host"
+    # Restore only: called with the pid that holds the fresh network namespace, before CRIU restores
+    # any socket into it (the runner attaches the job's link to the outside there).
+    on_netns: Callable[[int], None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_policy(cls, pol: object) -> DumpOptions:
         c = getattr(pol, "criu", None)
         if c is None:
             return cls()
+        job = getattr(pol, "job", None)
         return cls(
+            network=str(getattr(job, "network", "host")),
             tcp_established=bool(c.tcp_established),
             ext_unix_sk=bool(c.ext_unix_sk),
             file_locks=bool(c.file_locks),
             link_remap=bool(c.link_remap),
             extra_args=tuple(c.extra_args or ()),
         )
+
+    def recorded(self) -> dict[str, object]:
+        """What a restore must know of how the dump was taken (kept in the image's metadata)."""
+        return {"network": self.network, "tcp_established": self.tcp_established}
+
+    def for_image(self, extra: Mapping[str, object]) -> DumpOptions:
+        """The options to restore an image with: how its job was dumped, whatever today's policy says."""
+        net = extra.get("network")
+        return replace(self, network=net if net in ("private", "host") else "host",
+                       tcp_established=self.tcp_established or extra.get("tcp_established") is True)
 
 
 @dataclass

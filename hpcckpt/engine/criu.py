@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import select
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -110,14 +113,63 @@ def restore_needs_user_namespace(images_dir: Path, *, euid: int) -> bool:
     return uids == {0}
 
 
-def dump_wrapper(pid: int, *, euid: int, same_userns: bool, nsenter: str = "nsenter") -> list[str]:
-    """The argv prefix that starts criu where it can dump host pid ``pid``; empty for root."""
+def dump_wrapper(pid: int, *, euid: int, same_userns: bool, nsenter: str = "nsenter", net: bool = False
+                 ) -> list[str]:
+    """The argv prefix that starts criu where it can dump host pid ``pid``; empty when none is needed.
+
+    ``net``: the job has a network namespace of its own. criu then runs inside
+    it, so that it takes the namespace as its own and dumps only the job's
+    sockets, not the namespace's links (the tap of its outside link is no
+    part of the job): the restore recreates a fresh namespace instead.
+    """
     if euid == 0 or same_userns:
-        return []
+        return [nsenter, f"--target={pid}", "--net", "--"] if net and euid == 0 else []
     # --preserve-credentials: we stay the caller's kuid, which is uid 0 in the job's namespace, so
     # criu starts with every capability there (and none outside). Without it nsenter calls
     # setgroups(2), which the namespace denies.
-    return [nsenter, f"--target={pid}", "--user", "--mount", "--preserve-credentials", "--"]
+    return [nsenter, f"--target={pid}", "--user", "--mount", *(["--net"] if net else []),
+            "--preserve-credentials", "--"]
+
+
+NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
+
+
+def job_netns_is_own(pid: int) -> bool:
+    """Whether host pid ``pid`` lives in a network namespace other than ours."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def private_restore_wrapper(*, euid: int, userns: bool, sync: Sequence[int]) -> list[str]:
+    """The argv prefix that restores into a fresh network namespace (and user namespace when ``userns``).
+
+    A small program of ours (:mod:`hpcckpt.engine.nsexec`), run by path with
+    an isolated interpreter, since ``unshare(1)`` cannot bring the loopback up.
+    """
+    argv = [sys.executable, "-I", "-S", str(NSEXEC)]
+    if userns:
+        argv += ["--userns", f"{euid}:{os.getegid()}"]
+    return [*argv, "--net", "--sync", f"{sync[0]}:{sync[1]}", "--"]
+
+
+def network_lock(options: DumpOptions) -> list[str]:
+    """CRIU's network lock for a dump or restore that carries TCP connections.
+
+    In a job's own namespace every carried connection has both ends in the
+    frozen tree and nothing outside can reach it (its outside link forwards
+    nothing inbound), so there is nothing to lock ("skip"). In the node's
+    namespace CRIU must filter the host's firewall: iptables where it is
+    installed, else nftables (Debian 12 has no iptables by default).
+    """
+    if not options.tcp_established:
+        return []
+    if options.network == "private":
+        return ["--network-lock", "skip"]
+    if shutil.which("iptables-restore") is None and shutil.which("nft") is not None:
+        return ["--network-lock", "nftables"]
+    return []
 
 
 def restore_wrapper(*, euid: int, unshare: str = "unshare") -> list[str]:
@@ -180,15 +232,69 @@ def explain_failure(excerpt: str, *, euid: int) -> str | None:
     return None
 
 
+_ERROR_PREFIX = re.compile(r"^\s*(\(\s*[\d.]+\)\s*)?(pie: \d+: )?Error \([^)]*\):\s*")
+
+
+def first_error(excerpt: str) -> str:
+    """CRIU's own first error line, without its timestamp and source location; "" if it has none.
+
+    That line is the cause; what follows is mostly CRIU unwinding (and a
+    pipe that broke because CRIU died is never the cause).
+    """
+    for line in excerpt.splitlines():
+        if _ERROR_PREFIX.match(line):
+            return _ERROR_PREFIX.sub("", line).strip()
+    return ""
+
+
 def _refused(what: str, res: Completed, log_path: Path, euid: int, otherwise: str) -> EngineError:
-    """CRIU ran and failed: its log's relevant lines, and the known cause's hint or ``otherwise``."""
+    """CRIU ran and failed: its first error line as the headline, the log's relevant lines, a hint.
+
+    The log's path is not named: it lives in a staging directory that is
+    removed once the attempt is over; the excerpt travels with the error
+    (and into the catalog row of a failed checkpoint) instead.
+    """
     excerpt = log_excerpt(log_path) or res.err.strip()
-    return EngineError(f"{what} failed (exit {res.rc}); log: {log_path}", log_excerpt=excerpt,
+    cause = first_error(excerpt) or (excerpt.splitlines()[-1] if excerpt else "")
+    return EngineError(f"{what} failed (exit {res.rc})" + (f": {cause}" if cause else ""), log_excerpt=excerpt,
                        hint=explain_failure(excerpt, euid=euid) or otherwise)
 
 
 def _clean(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if not any(n in ln for n in _NOISE))
+
+
+class _NetnsHandshake:
+    """The runner's side of :mod:`hpcckpt.engine.nsexec`'s ``--sync``: once the fresh network namespace
+    exists, ``on_netns(pid)`` runs (the job's outside link is attached), then CRIU may start."""
+
+    TIMEOUT = 30.0
+
+    def __init__(self, on_netns: Callable[[int], None] | None) -> None:
+        self.on_netns = on_netns
+        self.ready_r, ready_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        self.child_fds: tuple[int, ...] = (go_r, ready_w)
+
+    def run(self, proc: subprocess.Popen[str]) -> None:
+        for fd in self.child_fds:
+            os.close(fd)
+        self.child_fds = ()
+        ready, _, _ = select.select([self.ready_r], [], [], self.TIMEOUT)
+        if not ready or os.read(self.ready_r, 1) != b"r":
+            err = proc.stderr.read() if proc.stderr is not None and proc.poll() is not None else ""
+            raise EngineError("could not create a network namespace to restore the job into",
+                              log_excerpt=(err or "").strip()[-2000:],
+                              hint="see 'hpcckpt doctor'; an ordinary user needs unprivileged user namespaces")
+        if self.on_netns is not None:
+            self.on_netns(proc.pid)
+        os.write(self.go_w, b"g")
+
+    def close(self) -> None:
+        for fd in (self.ready_r, self.go_w, *self.child_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.child_fds = ()
 
 
 class Criu:
@@ -228,6 +334,7 @@ class Criu:
         pass_fds: Sequence[int] = (),
         what: str = "criu",
         wrapper: Sequence[str] = (),
+        started: Callable[[subprocess.Popen[str]], None] | None = None,
     ) -> Completed:
         argv = [*wrapper, self.path, *args]
         t0 = time.monotonic()
@@ -244,6 +351,14 @@ class Criu:
         except PermissionError as exc:
             raise EngineError(f"{self.path}: permission denied (not executable by uid {os.getuid()})",
                               hint=_INSTALL_HINT) from exc
+        if started is not None:
+            try:
+                started(proc)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -311,6 +426,7 @@ class Criu:
         args = cls._mode()
         if options.tcp_established:
             args.append("--tcp-established")
+            args.extend(network_lock(options))
         if options.ext_unix_sk:
             args.append("--ext-unix-sk")
         if options.file_locks:
@@ -360,9 +476,10 @@ class Criu:
         euid = os.geteuid()
         self._require_unprivileged_caps(euid)
         wrapper: list[str] = []
-        if euid != 0:
-            same = user_namespace_of(pid) == user_namespace_of("self")
-            wrapper = dump_wrapper(pid, euid=euid, same_userns=same, nsenter=_tool("nsenter"))
+        own_net = options.network == "private" and job_netns_is_own(pid)
+        if euid != 0 or own_net:
+            same = euid == 0 or user_namespace_of(pid) == user_namespace_of("self")
+            wrapper = dump_wrapper(pid, euid=euid, same_userns=same, nsenter=_tool("nsenter"), net=own_net)
         res = self._run(args, timeout=timeout, what=f"criu {action} of pid {pid}", wrapper=wrapper)
         log_path = images_dir / log_name
         if res.rc != 0:
@@ -412,25 +529,36 @@ class Criu:
         euid = os.geteuid()
         self._require_unprivileged_caps(euid)
         wrapper: list[str] = []
-        if restore_needs_user_namespace(images_dir, euid=euid):
+        userns = restore_needs_user_namespace(images_dir, euid=euid)
+        netns = _NetnsHandshake(options.on_netns) if options.network == "private" else None
+        if netns is not None:
+            wrapper = private_restore_wrapper(euid=euid, userns=userns, sync=netns.child_fds)
+        elif userns:
             wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare"))
         streamer = None
         if source is not None:
             args.append("--stream")
             streamer = ImageStreamer(images_dir, source, gate=gate).start()
         try:
-            res = self._run(args, timeout=timeout, pass_fds=list(fds), what="criu restore", wrapper=wrapper)
+            res = self._run(args, timeout=timeout, what="criu restore", wrapper=wrapper,
+                            pass_fds=[*fds, *(netns.child_fds if netns else ())],
+                            started=netns.run if netns is not None else None)
         finally:
             failed = streamer.close() if streamer is not None else None
+            if netns is not None:
+                netns.close()
         log_path = images_dir / log_name
         if failed is not None:
             if res.rc == 0:  # criu never needed the bad part; an image that fails a check is not used
                 self._kill_restored(with_pid)
             if isinstance(failed, HpcckptError):
                 raise failed
+            if res.rc != 0:  # criu died first and broke the pipe: its own error is the cause
+                raise _refused("criu restore", res, log_path, euid,
+                               "try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'")
             raise EngineError(f"serving the images to criu failed: {failed}", log_excerpt=log_excerpt(log_path))
         if res.rc != 0:
-            raise _refused(f"criu restore from {images_dir}", res, log_path, euid,
+            raise _refused("criu restore", res, log_path, euid,
                            "try an older checkpoint (hpcckpt resume JOBID --ckpt ID) or run 'hpcckpt doctor'")
         try:
             pid = int(with_pid.read_text().strip())

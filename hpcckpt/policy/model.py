@@ -64,6 +64,13 @@ class SlurmPolicy:
 
 
 @dataclass(frozen=True)
+class JobPolicy:
+    network: str
+    outside: bool
+    external_connections: str
+
+
+@dataclass(frozen=True)
 class CriuPolicy:
     tcp_established: bool
     ext_unix_sk: bool
@@ -122,6 +129,7 @@ SECTION_CLASSES: dict[str, type] = {
     "preemption": PreemptionPolicy,
     "failure": FailurePolicy,
     "slurm": SlurmPolicy,
+    "job": JobPolicy,
     "criu": CriuPolicy,
     "restore": RestorePolicy,
     "pipeline": PipelinePolicy,
@@ -140,6 +148,7 @@ class Policy:
     preemption: PreemptionPolicy
     failure: FailurePolicy
     slurm: SlurmPolicy
+    job: JobPolicy
     criu: CriuPolicy
     restore: RestorePolicy
     pipeline: PipelinePolicy

@@ -123,7 +123,16 @@ _FIELDS: tuple[Field, ...] = (
           "extra sbatch options when a job is resubmitted"),
     Field("slurm.drain_on_failed_check", BoolKind(), False,
           "drain a node whose prolog check (criu check) fails"),
-    Field("criu.tcp_established", BoolKind(), False, "checkpoint established TCP connections"),
+    Field("job.network", EnumKind(choices=("private", "host")), "private",
+          "'private': the job gets a network namespace of its own (its loopback TCP is checkpointed and "
+          "restores never clash on ports); 'host': the node's own network"),
+    Field("job.outside", BoolKind(), True,
+          "give a private job a route to the outside (slirp4netns; false: loopback only)"),
+    Field("job.external_connections", EnumKind(choices=("close", "skip")), "close",
+          "a checkpoint finds a connection to a peer outside the job: 'close' checkpoints anyway and "
+          "the restored job finds it closed; 'skip' skips that checkpoint"),
+    Field("criu.tcp_established", BoolKind(), False,
+          "always pass --tcp-established (hpcckpt passes it by itself when the job holds connections)"),
     Field("criu.ext_unix_sk", BoolKind(), False, "allow unix sockets connected outside the job"),
     Field("criu.file_locks", BoolKind(), True, "checkpoint file locks (flock, fcntl)"),
     Field("criu.link_remap", BoolKind(), False, "allow open files that were unlinked"),

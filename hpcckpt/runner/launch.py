@@ -26,6 +26,12 @@ namespace and restore pids with ``clone3(set_tid)``. Outside, every file
 the job creates is the caller's and it has no privilege over anything of
 the host; inside, ``id`` says root (see docs/running.md, "Without root").
 
+With ``network=True`` (policy ``job.network: private``, the default) the
+helper also unshares a network namespace and brings its loopback up; the
+job then waits on a gate pipe until the runner has attached its link to the
+outside (:mod:`hpcckpt.runner.network`), so that its first instruction
+already sees the network it will always see.
+
 A failure to exec the command is reported back through a close-on-exec pipe,
 so ``hpcckpt run -- no-such-cmd`` fails with a clear error, not exit 127.
 """
@@ -36,9 +42,10 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from hpcckpt.engine.nsexec import CLONE_NEWNET, loopback_up
 from hpcckpt.errors import EngineError, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -46,9 +53,9 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
 _PID = struct.Struct("<q")
-# (stage, errno); stage 0: unshare, 1: setup, 2: exec, 3: writing the user namespace's id maps
+# (stage, errno); stage 0: unshare, 1: setup, 2: exec, 3: writing the user namespace's id maps, 4: loopback
 _ERR = struct.Struct("<ii")
-_STAGE_UNSHARE, _STAGE_SETUP, _STAGE_EXEC, _STAGE_IDMAP = 0, 1, 2, 3
+_STAGE_UNSHARE, _STAGE_SETUP, _STAGE_EXEC, _STAGE_IDMAP, _STAGE_NET = 0, 1, 2, 3, 4
 _USERNS_HINT = (
     "an ordinary user's job needs unprivileged user namespaces: check that sysctl user.max_user_namespaces "
     "is above 0 (and, where they exist, kernel.unprivileged_userns_clone=1 and "
@@ -100,14 +107,15 @@ def needs_user_namespace(euid: int | None = None) -> bool:
     return (os.geteuid() if euid is None else euid) != 0
 
 
-def namespace_flags(user_namespace: bool) -> int:
+def namespace_flags(user_namespace: bool, network: bool = False) -> int:
     """The ``unshare(2)`` flags for a job's namespaces."""
+    net = CLONE_NEWNET if network else 0
     if user_namespace:
         # The mount namespace is owned by the new user namespace, so the job (root there) may mount
         # the /proc of its PID namespace; the kernel turns the host's shared mounts into slaves,
         # so mounts made on the host later (autofs homes, scratch) still reach the job.
-        return CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
-    return CLONE_NEWPID
+        return CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | net
+    return CLONE_NEWPID | net
 
 
 def id_map_lines(uid: int, gid: int) -> tuple[str, str]:
@@ -133,10 +141,16 @@ def _enter_user_namespace(uid: int, gid: int) -> None:
     _write_proc_self("gid_map", gid_map)
 
 
-def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int) -> None:
+def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: StdioPipes, err_w: int,
+                gate_r: int) -> None:
     """In the job (pid 1): the smallest possible path from fork to exec."""
     stage = _STAGE_SETUP
     try:
+        # The runner opens the gate once the helper is gone (we are its child now) and the job's
+        # network is ready; EOF means the runner gave up, so the command must not start.
+        if os.read(gate_r, 1) != b"g":
+            os._exit(127)
+        os.close(gate_r)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -155,7 +169,7 @@ def _child_exec(argv: Sequence[str], env: Mapping[str, str], cwd: str, pipes: St
 
 
 def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[str, str], cwd: str,
-            pipes: StdioPipes, info_w: int, err_w: int) -> None:
+            pipes: StdioPipes, info_w: int, err_w: int, gate_r: int) -> None:
     """The forked helper: unshare, fork the job, report its pid, exit. Never returns."""
     try:
         if _libc.unshare(flags) != 0:
@@ -167,10 +181,16 @@ def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[st
             except OSError as exc:
                 os.write(err_w, _ERR.pack(_STAGE_IDMAP, exc.errno or errno.EINVAL))
                 os._exit(1)
+        if flags & CLONE_NEWNET:
+            try:
+                loopback_up()
+            except OSError as exc:
+                os.write(err_w, _ERR.pack(_STAGE_NET, exc.errno or errno.EINVAL))
+                os._exit(1)
         job = os.fork()
         if job == 0:
             os.close(info_w)
-            _child_exec(argv, env, cwd, pipes, err_w)
+            _child_exec(argv, env, cwd, pipes, err_w, gate_r)
         os.write(info_w, _PID.pack(job))
     finally:
         os._exit(0)
@@ -183,39 +203,62 @@ def spawn_in_pid_namespace(
     cwd: str,
     pipes: StdioPipes,
     user_namespace: bool | None = None,
+    network: bool = False,
+    before_exec: Callable[[int], None] | None = None,
 ) -> int:
     """Start ``argv`` as pid 1 of a new PID namespace; return its host pid (our child).
 
     ``user_namespace``: also put the job in a user and mount namespace of its
     own (see the module docstring); ``None`` means "when not root", which is
     what the CRIU adapter expects at dump and restore time.
+    ``network``: also a network namespace of its own, loopback up.
+    ``before_exec(pid)`` runs once the job exists but before it execs ``argv``
+    (the runner attaches the job's outside link there); if it raises, the job
+    is ended and the error raised.
     """
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
     userns = needs_user_namespace() if user_namespace is None else user_namespace
-    flags = namespace_flags(userns)
+    flags = namespace_flags(userns, network)
     uid, gid = os.geteuid(), os.getegid()
     set_child_subreaper()
     info_r, info_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    gate_r, gate_w = os.pipe()
     helper = os.fork()
     if helper == 0:
         os.close(info_r)
         os.close(err_r)
-        _helper(flags, uid, gid, argv, env, cwd, pipes, info_w, err_w)
+        os.close(gate_w)
+        _helper(flags, uid, gid, argv, env, cwd, pipes, info_w, err_w, gate_r)
     os.close(info_w)
     os.close(err_w)
+    os.close(gate_r)
+    failure = raw = b""
     try:
         os.waitpid(helper, 0)
         raw = os.read(info_r, _PID.size)
+        if len(raw) == _PID.size:
+            try:
+                if before_exec is not None:
+                    before_exec(int(_PID.unpack(raw)[0]))
+                os.write(gate_w, b"g")
+            finally:
+                os.close(gate_w)
+                gate_w = -1
         # EOF once the job has exec'd (close-on-exec) or died: then the error, if any, is here.
-        failure = b""
         while True:
             chunk = os.read(err_r, _ERR.size)
             if not chunk:
                 break
             failure += chunk
+    except BaseException:
+        if len(raw) == _PID.size:  # closing the gate unopened made the job exit; reap it
+            os.waitpid(_PID.unpack(raw)[0], 0)
+        raise
     finally:
+        if gate_w >= 0:
+            os.close(gate_w)
         os.close(info_r)
         os.close(err_r)
     if len(failure) >= _ERR.size:
@@ -236,6 +279,9 @@ def _spawn_error(stage: int, code: int, argv: Sequence[str], cwd: str, userns: b
                                hint=_USERNS_HINT)
         return EngineError(f"cannot create a PID namespace: {reason}",
                            hint="as root this needs CAP_SYS_ADMIN in the bounding set; see docs/running.md")
+    if stage == _STAGE_NET:
+        return EngineError(f"cannot bring up the loopback of the job's network namespace: {reason}",
+                           hint="set job.network: host in a policy to run without a namespace of its own")
     if stage == _STAGE_IDMAP:
         return EngineError(f"cannot map uid {os.geteuid()} to root of the job's user namespace: {reason}",
                            hint=_USERNS_HINT)

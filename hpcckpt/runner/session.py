@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
+from hpcckpt.runner.network import HOST, JobNetwork
 from hpcckpt.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
 from hpcckpt.security import become
 from hpcckpt.store import Store
@@ -80,6 +81,7 @@ class Environment:
     catalog: Catalog
     engine: CheckpointEngine
     catalog_url: str | None = None  # as resolved (None: the per-user SQLite default), to open more connections
+    network: JobNetwork = field(default_factory=lambda: JobNetwork(HOST, outside=False))
 
 
 def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = None) -> Environment:
@@ -91,7 +93,8 @@ def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = Non
     root = resolve_store_root(opts.store, pol.storage.root)
     url = resolve_catalog_url(opts.catalog, pol.storage.catalog)
     catalog = open_catalog(url, root, user)
-    return Environment(pol, user, root, Store(root, user), catalog, engine or Criu.locate(), url)
+    return Environment(pol, user, root, Store(root, user), catalog, engine or Criu.locate(), url,
+                       JobNetwork(pol.job.network, outside=pol.job.outside))
 
 
 def disk_staging_base(env: Environment) -> Path:
@@ -174,6 +177,7 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
         flush=FlushSettings.from_policy(pol, workers=compression_workers(codec)),
         publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
         retention=apply, predump=_predump_plan(env.engine), epilog_salvages=bool(os.environ.get("SLURM_JOB_ID")),
+        external_connections=pol.job.external_connections,
     )
     cfg = RunnerConfig(
         job_id=ident.job_id,
@@ -194,9 +198,17 @@ def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: Job
 
 
 def _resumer(env: Environment) -> Resumer:
+    # A job restored into a fresh network namespace gets its outside link before CRIU restores a socket.
+    options = replace(DumpOptions.from_policy(env.policy), on_netns=env.network.attach)
     return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
-                   options=DumpOptions.from_policy(env.policy), grown_files=env.policy.restore.grown_files,
+                   options=options, grown_files=env.policy.restore.grown_files,
                    stream=env.policy.restore.stream)
+
+
+def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
+    restored = _resumer(env).resume(job_id, ckptid)
+    env.network.after_restore(restored.pid, restored.summary.meta.extra)
+    return restored
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
@@ -242,7 +254,7 @@ def run_job(
     try:
         if want_resume:
             try:
-                restored = _resumer(env).resume(source_job)
+                restored = _restored(env, source_job)
             except NotFoundError as err:
                 hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
                            "starting the command", job_id=ident.job_id)
@@ -263,7 +275,8 @@ def run_job(
                           stdio=dict(pipes.resources), interval={}, policy_digest=env.policy.digest())
             runner = _runner(env, opts, ident, job, signals, publisher=publisher)
             try:
-                pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes)
+                pid = spawn_in_pid_namespace(argv, env=job_env, cwd=os.getcwd(), pipes=pipes,
+                                             network=env.network.private, before_exec=env.network.attach)
             finally:
                 pipes.close_write_ends()
             hlog.event(_log, "runner.started", f"job {ident.job_id} started as pid {pid}", job_id=ident.job_id,
@@ -271,8 +284,9 @@ def run_job(
             runner.attach(pid, pipes.out_r, pipes.err_r)
     except BaseException:
         signals.restore()
+        env.network.close()
         raise
-    return _drive(runner)
+    return _drive(runner, env)
 
 
 def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
@@ -289,7 +303,7 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
     signals = _signal_queue(env, opts)
     try:
         with terminal_progress("restore"):
-            restored = _resumer(env).resume(job_id, ckptid)
+            restored = _restored(env, job_id, ckptid)
         meta = restored.summary.meta
         ident = JobIdentity(job_id, "cli", meta.requeue_count, meta.array_job_id, meta.array_task_id, meta.step)
         for line in restored.fallbacks:
@@ -302,8 +316,9 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
         runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
     except BaseException:
         signals.restore()
+        env.network.close()
         raise
-    return _drive(runner)
+    return _drive(runner, env)
 
 
 def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Sequence[str] = ()) -> str:
@@ -313,10 +328,11 @@ def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Seque
     return resubmit(job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy, extra_options=extra_options)
 
 
-def _drive(runner: Runner) -> int:
+def _drive(runner: Runner, env: Environment) -> int:
     try:
         return runner.loop()
     finally:
+        env.network.close()
         runner.restore_signals()
         if runner.control is not None:
             runner.control.close()
