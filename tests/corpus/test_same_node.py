@@ -1,7 +1,7 @@
 """Every corpus case under the real CLI: checkpointed, killed with its whole tree, resumed at once on this node.
 
 ``hpcckpt run --interval 1`` with no per-job policy; after at least 2 committed checkpoints (as ``hpcckpt list
---json`` shows them) the runner and every process of the job get SIGKILL, and ``hpcckpt resume`` must take the
+--json`` shows them) the job's processes are stopped, then the runner and all of them get SIGKILL (a crash), and ``hpcckpt resume`` must take the
 job to its end with output identical to an uninterrupted run, going on from its checkpoint (its first step after
 the resume is past 0 and no later than the step after the last one the killed run printed).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import pytest
 
 from tests.corpus.cases import CASES, Built, Case, differing_outputs, job_env, scratch_dir, steps_printed
 from tests.corpus.conftest import require
+from hpcckpt import procinfo
 from tests.criu.harness import REPO, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
@@ -32,6 +34,20 @@ def committed(store: Path, job: str) -> list[int]:
     if res.returncode != 0:
         return []
     return [int(r["ckptid"]) for r in json.loads(res.stdout) if r["status"] == "committed"]
+
+
+def crash(run: Cmd, pid: int) -> None:
+    """The node dies under the job: every process of the job stops at once, then all get SIGKILL.
+
+    Killed one by one, a job's survivors see the others die and react, as no process of a crashed node can:
+    mpirun, for one, deletes the shared-memory files of its dead ranks, which the restored ranks map.
+    """
+    for p in procinfo.tree_pids(pid):
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    kill_everything(run, pid)
 
 
 def failures(cmd: Cmd) -> str:
@@ -67,7 +83,7 @@ def test_killed_then_resumed_on_same_node_matches_uninterrupted(
             )
         finally:
             if run.proc.poll() is None:
-                kill_everything(run, pid)
+                crash(run, pid)
         before = steps_printed(run.out.read_text(errors="replace"))
         assert before and before[0] == 0
 
