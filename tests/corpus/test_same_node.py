@@ -1,9 +1,10 @@
 """Every corpus case under the real CLI: checkpointed, killed with its whole tree, resumed at once on this node.
 
-``hpcckpt run --interval 1`` with no per-job policy; after at least 2 committed checkpoints (as ``hpcckpt list
---json`` shows them) the job's processes are stopped, then the runner and all of them get SIGKILL (a crash), and ``hpcckpt resume`` must take the
-job to its end with output identical to an uninterrupted run, going on from its checkpoint (its first step after
-the resume is past 0 and no later than the step after the last one the killed run printed).
+``hpcckpt run --interval 1`` with no per-job policy; after at least 2 committed checkpoints (as
+``hpcckpt list --json`` shows them) the job's processes are stopped, then the runner and all of them get SIGKILL
+(a crash), and ``hpcckpt resume`` must take the job to its end with output identical to an uninterrupted run,
+going on from its checkpoint (its first step after the resume is past 0 and no later than the step after the
+last one the killed run printed).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt import procinfo
 from tests.corpus.cases import CASES, Built, Case, differing_outputs, job_env, scratch_dir, steps_printed
 from tests.corpus.conftest import require
-from hpcckpt import procinfo
 from tests.criu.harness import REPO, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]

@@ -18,7 +18,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     s = [((j + 1) * 0x9E3779B97F4A7C15 + rank) & MASK for j in range(N)]
-    trace = open(f"{outdir}/trace.txt", "w") if rank == 0 else None
+    trace = open(f"{outdir}/trace.txt", "w") if rank == 0 else None  # noqa: SIM115 - rank 0 only, closed below
     right, left = (rank + 1) % size, (rank - 1) % size
     for i in range(steps):
         local = 0
