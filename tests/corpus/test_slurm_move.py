@@ -8,6 +8,9 @@ the node back, for the other jobs), and the requeued job restores its latest ima
 end. Each job's
 outputs must be the bytes of an uninterrupted run, and its output file must show the restored run going on from
 its checkpoint, not from step 0.
+
+The test cluster's nodes share this host's ``/tmp`` and ``/dev/shm``, so what a job keeps there is still there
+after the move; test_node_local_files.py resumes the cases that keep such files where they are gone.
 """
 
 from __future__ import annotations
