@@ -22,6 +22,7 @@ keeps them for its restore on this node.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,7 @@ def remove(user: User, paths: Iterable[str]) -> None:
 
 # Inside a staged dump (and so inside the image): the contents of the job's i-th temporary directory.
 IMAGE_DIR = "hpcckpt-scratch"
+FIFOS = "fifos.json"  # [[i, relative path, mode], ...]: FIFOs hold no data, only their name matters
 assert IMAGE_DIR in SIDE_DIRS
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -111,6 +113,7 @@ def capture(paths: Iterable[str], dest: Path, limit: int) -> tuple[int, list[str
     copied and what was left out; stops adding files at ``limit`` bytes.
     """
     total, left_out = 0, []
+    fifos: list[list[object]] = []
     for i, raw in enumerate(paths):
         src = Path(raw)
         for root, dirs, files in os.walk(src, followlinks=False):
@@ -119,6 +122,13 @@ def capture(paths: Iterable[str], dest: Path, limit: int) -> tuple[int, list[str
             out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             for name in files:
                 path = Path(root) / name
+                try:
+                    lst = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISFIFO(lst.st_mode):  # OpenMPI's debugger_attach_fifo: recreated empty
+                    fifos.append([str(i), str(rel / name), stat.S_IMODE(lst.st_mode)])
+                    continue
                 try:
                     fd = os.open(path, _READ)
                 except OSError:  # a symlink (ELOOP), a socket (ENXIO), gone
@@ -136,6 +146,8 @@ def capture(paths: Iterable[str], dest: Path, limit: int) -> tuple[int, list[str
                     # The restore compares a file the job only reads with its recorded mtime.
                     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
             dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
+    if fifos:
+        (dest / IMAGE_DIR / FIFOS).write_text(json.dumps(fifos))
     return total, left_out
 
 
@@ -149,6 +161,7 @@ def populate(unpacked: Path, user: User, paths: Iterable[str]) -> list[str]:
     created: list[str] = []
     paths = list(paths)
     prepare(user, paths)
+    created += _make_fifos(unpacked / IMAGE_DIR / FIFOS, paths)
     for i, raw in enumerate(paths):
         src = unpacked / IMAGE_DIR / str(i)
         if not src.is_dir():
@@ -171,3 +184,24 @@ def populate(unpacked: Path, user: User, paths: Iterable[str]) -> list[str]:
                     os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
                 created.append(str(target))
     return created
+
+
+def _make_fifos(manifest: Path, paths: list[str]) -> list[str]:
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return []
+    made: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not (isinstance(entry, list) and len(entry) == 3 and str(entry[0]).isdigit()
+                and int(entry[0]) < len(paths) and isinstance(entry[1], str) and isinstance(entry[2], int)):
+            continue
+        rel = Path(entry[1])
+        if rel.is_absolute() or ".." in rel.parts:
+            continue
+        target = Path(paths[int(entry[0])]) / rel
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkfifo(target, entry[2] & 0o777)
+            made.append(str(target))
+    return made

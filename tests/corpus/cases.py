@@ -111,21 +111,23 @@ def build(dest: Path) -> Built:
     return Built(mpi_steps, omp_steps)
 
 
-def job_env(scratch: Path) -> dict[str, str]:
-    """What a corpus job needs in its environment, with every scratch file of OpenMPI and Python under ``scratch``.
+def job_env(scratch: Path, *, under_hpcckpt: bool = True) -> dict[str, str]:
+    """What a corpus job needs in its environment, with the scratch files of OpenMPI and Python below ``scratch``.
 
-    ``scratch`` is short (unix socket paths end at 108 bytes) and one per job: OpenMPI names its session
-    directory after the launcher's pid, which is 1 in every hpcckpt job, so two jobs sharing /tmp would share it.
+    ``scratch`` is short (unix socket paths end at 108 bytes). Under hpcckpt the job gets its own directories
+    below it (TMPDIR=scratch/hpcckpt-UID/JOB) and in /dev/shm for OpenMPI's shared memory
+    (hpcckpt.runner.scratch), as any user's job does; the uninterrupted reference run keeps both in ``scratch``.
     """
-    return {
+    env = {
         "TMPDIR": str(scratch),
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMPI_MCA_rmaps_base_oversubscribe": "1",
-        # Ranks killed with SIGKILL leave their shared-memory segments behind: keep them in the job's scratch.
-        "OMPI_MCA_btl_vader_backing_directory": str(scratch),
         "OMP_NUM_THREADS": "2",
     }
+    if not under_hpcckpt:
+        env["OMPI_MCA_btl_vader_backing_directory"] = str(scratch)
+    return env
 
 
 @contextmanager
@@ -143,7 +145,7 @@ def run_uninterrupted(case: Case, built: Built, outdir: Path) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     with scratch_dir() as scratch:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "OMPI_"))}
-        env.update(job_env(scratch))
+        env.update(job_env(scratch, under_hpcckpt=False))
         proc = subprocess.run(case.argv(built, outdir, delay_ms=0), env=env, capture_output=True, text=True,
                               timeout=120, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:

@@ -92,6 +92,7 @@ def kill_and_resume(case: Case, built: Built, ref: Path, work: Path, *, fresh_sc
         if fresh_scratch:
             shutil.rmtree(scratch)
             scratch.mkdir(mode=0o700)
+            shutil.rmtree(Path("/dev/shm") / f"hpcckpt-{os.getuid()}" / job, ignore_errors=True)
 
         res = hpcckpt(["resume", job, "--interval", "1"], work, "resume", store, extra_env=env)
         try:

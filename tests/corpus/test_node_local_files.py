@@ -5,8 +5,8 @@ kept there. The Slurm test's "nodes" share this host's ``/tmp``, so it cannot sh
 (its ``TMPDIR``, where OpenMPI keeps its session directory and shared-memory segments and Python's
 ``multiprocessing`` its manager's socket) is emptied between the crash and the resume.
 
-These fail today (hpcckpt neither saves such files in the image nor recreates them), and are marked so: strict,
-so that the day they pass the mark must go.
+hpcckpt copies the job's own temporary directories into each checkpoint (policy job.scratch_max) and a resume
+puts back what the node lacks; without that each of these fails with what ``NEEDS`` names.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tests.corpus.harness import kill_and_resume
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
-# What each case finds missing, as the resume says it today.
-MISSING = {
+# What each case would find missing on another node, were its scratch not carried in the image.
+NEEDS = {
     "mpi-singleton": "OpenMPI's session directory in TMPDIR (ompi.HOST.UID/pid.N/hwloc.sm, mapped by the job)",
     "mpirun-c": "OpenMPI's session directory and its ranks' vader_segment.* shared-memory files",
     "mpirun-mpi4py": "OpenMPI's session directory and its ranks' vader_segment.* shared-memory files",
@@ -34,8 +34,7 @@ MISSING = {
 @pytest.mark.parametrize("case", [
     pytest.param(BY_NAME[name], id=name, marks=[
         *([pytest.mark.mpi] if BY_NAME[name].mpi else []),
-        pytest.mark.xfail(strict=True, reason=f"node-local files are not in the image: {why}"),
-    ]) for name, why in MISSING.items()
+    ]) for name in NEEDS
 ])
 def test_resumed_where_node_local_scratch_is_empty(
     case: Case, built: Built, reference: Callable[[Case], Path], work: Path
