@@ -23,8 +23,9 @@ IMAGE|CKPTID is an image file, or a checkpoint id from 'hpcckpt list'.
 
 exit status: 0 all images ok; 4 some image is corrupt (or a failed
 checkpoint, or of an unsupported format); 5 some image is unreadable
-(missing, permission denied, I/O error) and none is corrupt; other codes as
-listed below (for example 11 when a checkpoint id is not in the catalog).
+(missing, not a regular file, I/O error) and none is corrupt; other codes as
+listed below (for example 10 when you may not read an image, 11 when a
+checkpoint id is not in the catalog, 2 for an id out of range).
 
 examples:
   hpcckpt verify 17 18 19
