@@ -21,7 +21,7 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -29,6 +29,12 @@ from hpcckpt.errors import PolicyError
 from hpcckpt.policy.diagnostics import Diagnostic, Loc
 
 MAX_POLICY_BYTES = 1 << 20  # far above any sane policy; stops a huge or endless file early
+# A policy is a few dozen keys three levels deep. These bounds are far above that, and far below what
+# would exhaust Python's stack (the composer recurses per level) or memory (aliases share nodes, so a
+# "billion laughs" file of a few lines stands for 10**9 values once expanded).
+MAX_DEPTH = 64  # nested sequences and mappings
+MAX_NODES = 100_000  # values, counted as expanded: each alias counts the whole node it repeats
+MAX_ALIASES = 1_000  # uses of an alias (*name)
 
 SCALAR = "scalar"
 SEQ = "seq"
@@ -149,7 +155,7 @@ def parse_yaml(text: str, *, file: str, layer: str) -> tuple[YNode | None, list[
     A syntax error stops parsing, so it is reported alone; other problems are
     all collected. An empty document gives an empty mapping.
     """
-    loader = yaml.SafeLoader(text)
+    loader = BoundedLoader(text)
     try:
         try:
             root = loader.get_single_node()
@@ -164,6 +170,70 @@ def parse_yaml(text: str, *, file: str, layer: str) -> tuple[YNode | None, list[
         return tree, diags
     finally:
         loader.dispose()
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """A safe loader whose composer refuses deep nesting, recursive aliases and alias bombs.
+
+    The checks run while the node graph is being built, before anything
+    expands it, so an input that breaks a bound costs no more than reading
+    up to that point; the error is a composer error with the offending mark.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # expanded size of everything composed so far
+        self._aliases = 0
+        self._open_anchors: set[str] = set()  # anchors of collections still being composed
+        self._anchor_sizes: dict[str, int] = {}  # anchor -> expanded size of its node
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._use_alias(event)
+            return cast(yaml.Node, super().compose_node(parent, index))
+        collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        anchor = event.anchor
+        before = self._nodes
+        self._count(1, event)
+        if collection:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise _composer_error(f"nested more than {MAX_DEPTH} levels deep; a policy needs a handful", event)
+            if anchor is not None:
+                self._open_anchors.add(anchor)
+        try:
+            node = cast(yaml.Node, super().compose_node(parent, index))
+        finally:
+            if collection:
+                self._depth -= 1
+                self._open_anchors.discard(anchor or "")
+        if anchor is not None:
+            self._anchor_sizes[anchor] = self._nodes - before
+        return node
+
+    def _use_alias(self, event: yaml.AliasEvent) -> None:
+        anchor = event.anchor or ""
+        if anchor in self._open_anchors:
+            raise _composer_error(f"alias *{anchor} is used inside the node &{anchor} it names (a recursive alias)",
+                                  event)
+        self._aliases += 1
+        if self._aliases > MAX_ALIASES:
+            raise _composer_error(f"more than {MAX_ALIASES} aliases", event)
+        # An undefined alias counts 1 here; the composer then reports it as undefined.
+        self._count(self._anchor_sizes.get(anchor, 1), event)
+
+    def _count(self, size: int, event: yaml.Event) -> None:
+        self._nodes += size
+        if self._nodes > MAX_NODES:
+            raise _composer_error(f"more than {MAX_NODES} values once aliases are expanded "
+                                  "(an alias repeats the whole node it names)", event)
+
+
+def _composer_error(problem: str, event: yaml.Event) -> yaml.composer.ComposerError:
+    """An error at ``event``, which parse_yaml turns into a diagnostic naming file, line and column."""
+    return yaml.composer.ComposerError(None, None, problem, cast(yaml.error.Mark, event.start_mark))
 
 
 def _mark_loc(mark: Any, file: str, layer: str) -> Loc:
