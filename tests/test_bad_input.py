@@ -44,7 +44,8 @@ def env(tmp_path: Path) -> dict[str, str]:
     return out
 
 
-def hpcckpt(args: Sequence[str], env: dict[str, str], stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+def hpcckpt(args: Sequence[str], env: dict[str, str], stdout: int = subprocess.PIPE,
+            ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "hpcckpt", *args], env=env, stdout=stdout, stderr=subprocess.PIPE,
                           text=True, timeout=HANG_S, check=False)
     assert "Traceback" not in (proc.stdout or "") + proc.stderr, proc.stderr
