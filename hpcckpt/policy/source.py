@@ -155,10 +155,15 @@ def parse_yaml(text: str, *, file: str, layer: str) -> tuple[YNode | None, list[
     A syntax error stops parsing, so it is reported alone; other problems are
     all collected. An empty document gives an empty mapping.
     """
-    loader = BoundedLoader(text)
+    try:
+        loader = BoundedLoader(text)  # refuses control characters at once
+    except yaml.reader.ReaderError as err:
+        return None, [_reader_diagnostic(err, text, file, layer)]
     try:
         try:
             root = loader.get_single_node()
+        except yaml.reader.ReaderError as err:
+            return None, [_reader_diagnostic(err, text, file, layer)]
         except yaml.MarkedYAMLError as err:
             return None, [_syntax_diagnostic(err, file, layer)]
         except yaml.YAMLError as err:  # unmarked: only "expected a single document" and the like
@@ -238,6 +243,16 @@ def _composer_error(problem: str, event: yaml.Event) -> yaml.composer.ComposerEr
 
 def _mark_loc(mark: Any, file: str, layer: str) -> Loc:
     return Loc(layer, file, mark.line + 1, mark.column + 1)
+
+
+def _reader_diagnostic(err: yaml.reader.ReaderError, text: str, file: str, layer: str) -> Diagnostic:
+    """A character YAML does not allow (a control character, say), at its line and column."""
+    pos = max(0, min(int(err.position), len(text)))
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    char = err.character if isinstance(err.character, int) else ord(str(err.character)[:1] or "\0")
+    return Diagnostic(Loc(layer, file, line, col), f"invalid YAML: character U+{char:04X} is not allowed "
+                                                   f"({err.reason}); remove it")
 
 
 def _syntax_diagnostic(err: yaml.MarkedYAMLError, file: str, layer: str) -> Diagnostic:

@@ -87,3 +87,12 @@ def test_policy_check_cli_with_bounded_memory(name: str, write: Write) -> None:
                           capture_output=True, text=True, timeout=120, check=False, preexec_fn=_limit_memory)
     assert proc.returncode == EXIT_POLICY, proc.stdout + proc.stderr
     assert f"{path}:{line}:" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_control_character_is_a_policy_error(write: Write) -> None:
+    """YAML's reader refuses control characters before parsing; that was a ReaderError traceback."""
+    path = write("ctl.yaml", "interval: 1h\nretention: {keep_last: 3\x08}\n")
+    with pytest.raises(PolicyInvalidError) as info:
+        build_policy(path, None, {})
+    [diag] = info.value.diagnostics
+    assert (diag.loc.line, diag.loc.col) == (2, 25) and "U+0008" in diag.message
