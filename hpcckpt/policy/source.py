@@ -26,6 +26,7 @@ from typing import Any, cast
 import yaml
 
 from hpcckpt.errors import PolicyError
+from hpcckpt.inputs import NotRegularFileError, open_regular
 from hpcckpt.policy.diagnostics import Diagnostic, Loc
 
 MAX_POLICY_BYTES = 1 << 20  # far above any sane policy; stops a huge or endless file early
@@ -77,13 +78,12 @@ def read_policy_text(path: Path, *, layer: str, trusted_uids: Collection[int] | 
     one of them (root is always trusted).
     """
     as_root = os.geteuid() == 0
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang a prolog
-    target = path
-    if as_root:
-        target = _resolve_root_owned_links(path)
-        flags |= os.O_NOFOLLOW
+    target = _resolve_root_owned_links(path) if as_root else path
     try:
-        fd = os.open(target, flags)
+        fd = open_regular(target, follow_symlinks=not as_root)  # a FIFO must not hang a prolog
+    except NotRegularFileError as err:
+        raise PolicyError(f"{path}: {layer} policy is {err.kind}, not a regular file",
+                          hint="point at a YAML file") from err
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise PolicyError(
@@ -97,8 +97,6 @@ def read_policy_text(path: Path, *, layer: str, trusted_uids: Collection[int] | 
         ) from err
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PolicyError(f"{path}: {layer} policy is not a regular file", hint="point at a YAML file")
         if as_root:
             trusted = {0, *(trusted_uids or ())}
             if st.st_uid not in trusted:
