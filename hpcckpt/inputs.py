@@ -55,6 +55,22 @@ def ckptid_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(err.message) from err
 
 
+# Longest wait or deadline a flag may ask for: 115 days, far past any batch job, well inside what
+# socket timeouts and monotonic arithmetic accept.
+MAX_SECONDS = 10_000_000.0
+
+
+def seconds_arg(text: str) -> float:
+    """argparse ``type=`` for a timeout or deadline in seconds: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {_show(text)}") from None
+    if not 0 < value <= MAX_SECONDS:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"seconds must be above 0 and at most {MAX_SECONDS:.0f}, got {_show(text)}")
+    return value
+
+
 def _show(text: object) -> str:
     shown = repr(text)
     return shown if len(shown) <= 60 else shown[:40] + f"...' ({len(str(text))} characters)"

@@ -227,3 +227,19 @@ def test_store_on_a_full_disk(env: dict[str, str], full_disk: Path) -> None:
     checks = _doctor_checks(hpcckpt(["doctor", "--json", "--store", str(store)], env))
     assert not checks["store"]["ok"] and "No space left" in str(checks["store"]["detail"])
     assert not checks["catalog"]["ok"] and str(store) in str(checks["catalog"]["detail"])
+
+
+# -- other flags a hostile user fills with nonsense ------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["checkpoint", "J", "--timeout", "nan"], ["checkpoint", "J", "--timeout", "-1"],
+                                  ["checkpoint", "J", "--deadline", "inf"], ["resume", "J", "--deadline", "0"],
+                                  ["run", "--deadline", "nan", "--", "true"], ["gc", "--dry-run", "--grace", "nan"],
+                                  ["gc", "--dry-run", "--stale-after", "soon"],
+                                  ["run", "--signal", "NOPE", "--", "true"], ["run", "--signal", "KILL", "--", "true"]])
+def test_bad_seconds_durations_and_signals_are_usage_errors(args: list[str], env: dict[str, str]) -> None:
+    """These were ValueError / AttributeError tracebacks (exit 1) from deep inside the runner and gc."""
+    proc = hpcckpt(args, env)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    bad = args[-1] if args[-2] != "--" else args[-3]
+    assert repr(bad) in proc.stderr  # the message quotes the bad value

@@ -7,7 +7,7 @@ from typing import Any
 
 from hpcckpt.cli.common import add_store_args, formatter
 from hpcckpt.errors import UsageError
-from hpcckpt.inputs import ckptid_arg
+from hpcckpt.inputs import ckptid_arg, seconds_arg
 
 HELP = """\
 Restore job JOBID from its latest committed image (or --ckpt ID), as a child
@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
     p.add_argument("job_id", metavar="JOBID")
     p.add_argument("--ckpt", type=ckptid_arg, metavar="ID", help="this checkpoint, not the latest")
     p.add_argument("--interval", metavar="S", help="seconds between checkpoints after the restore")
-    p.add_argument("--deadline", type=float, metavar="S", help="seconds a final checkpoint may take")
+    p.add_argument("--deadline", type=seconds_arg, metavar="S", help="seconds a final checkpoint may take")
     p.add_argument("--submit", action="store_true",
                    help="submit a new Slurm job that resumes JOBID, print its job id, and return")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPT",
