@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import resource
 import shutil
@@ -138,10 +139,27 @@ def wellformed(draw: st.DrawFn, paths: list[str]) -> list[str]:
     return ["image", "unpack", draw(st.sampled_from(paths)), draw(st.sampled_from(paths))]
 
 
+@contextlib.contextmanager
+def _log_to(stream: io.StringIO) -> Iterator[None]:
+    """Point the CLI's log handler (set up once per process, on the stderr of then) at ``stream``."""
+    from hpcckpt import log as hlog
+
+    hlog.setup()
+    handlers = [h for h in hlog.get().handlers if isinstance(h, logging.StreamHandler)]
+    saved = [h.stream for h in handlers]
+    for h in handlers:
+        h.stream = stream  # not setStream(), which flushes the old stream, maybe a closed capture by now
+    try:
+        yield
+    finally:
+        for h, old in zip(handlers, saved, strict=True):
+            h.stream = old
+
+
 def check_input(args: list[str]) -> None:
     out, err = io.StringIO(), io.StringIO()
     t0 = time.monotonic()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _log_to(err):
         try:
             code = main(args)
         except SystemExit as exc:  # argparse: --help, --version, usage errors
