@@ -243,3 +243,9 @@ def test_bad_seconds_durations_and_signals_are_usage_errors(args: list[str], env
     assert proc.returncode == EXIT_USAGE, proc.stderr
     bad = args[-1] if args[-2] != "--" else args[-3]
     assert repr(bad) in proc.stderr  # the message quotes the bad value
+
+
+@pytest.mark.parametrize("args", [["checkpoint", ""], ["resume", ""], ["checkpoint", "a/b"], ["resume", "x" * 300]])
+def test_job_id_no_run_could_have_is_a_usage_error(args: list[str], env: dict[str, str]) -> None:
+    proc = hpcckpt(args, env)
+    assert proc.returncode == EXIT_USAGE and "invalid job id" in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ from typing import Any
 from hpcckpt.cli.common import add_json_arg, formatter, print_json
 from hpcckpt.errors import EngineError, HpcckptError
 from hpcckpt.inputs import seconds_arg
+from hpcckpt.jobid import validate_job_id
 
 HELP = """\
 Ask the runner of job JOBID (on this node, over its control socket) for a
@@ -41,6 +42,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from hpcckpt.runner.control import request
 
+    validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     doc: dict[str, Any] = {"op": "checkpoint", "stop": bool(args.and_stop)}
     if args.deadline is not None:
         doc["deadline"] = args.deadline

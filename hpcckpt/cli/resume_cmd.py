@@ -8,6 +8,7 @@ from typing import Any
 from hpcckpt.cli.common import add_store_args, formatter
 from hpcckpt.errors import UsageError
 from hpcckpt.inputs import ckptid_arg, seconds_arg
+from hpcckpt.jobid import validate_job_id
 
 HELP = """\
 Restore job JOBID from its latest committed image (or --ckpt ID), as a child
@@ -68,6 +69,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     if args.sbatch and not args.submit:
         raise UsageError("--sbatch needs --submit")
     from hpcckpt.runner.session import SessionOptions, resume_job, submit_resume_job
