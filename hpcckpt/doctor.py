@@ -20,6 +20,7 @@ from typing import Any
 
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import HpcckptError
+from hpcckpt.fsutil import STORE_HINT
 from hpcckpt.runner import network
 
 
@@ -127,8 +128,7 @@ def check_store(inputs: DoctorInputs) -> Check:
             "store",
             False,
             f"store {udir} is not writable: {err.strerror or err}",
-            fix="pass --store DIR or set HPCCKPT_STORE to a directory you can write "
-            "(on a cluster: the parallel filesystem)",
+            fix=STORE_HINT,
         )
     free = shutil.disk_usage(udir).free
     return Check("store", True, f"{udir} is writable ({free / 2**30:.1f} GiB free)")
@@ -145,6 +145,8 @@ def check_catalog(inputs: DoctorInputs) -> Check:
             cat.close()
     except HpcckptError as err:
         return Check("catalog", False, err.message, fix=err.hint or "")
+    except OSError as err:  # doctor reports what is wrong; it never dies of it
+        return Check("catalog", False, f"cannot open the catalog: {err}", fix=STORE_HINT)
     where = inputs.catalog_url or str(inputs.store_root / inputs.user.name / "catalog.sqlite")
     return Check("catalog", True, f"{where} opens ({n} checkpoints)")
 

@@ -8,12 +8,12 @@ Exit codes (also in docs/cli.md):
  2    usage error (bad command-line arguments)
  3    policy or configuration error
  4    image is corrupt (checksum, length, magic or structure), or records a failed checkpoint
- 5    image is unreadable (missing, permission denied, I/O error)
+ 5    image is unreadable (missing, not a regular file, I/O error)
  6    catalog error
  7    store error (cannot write, disk full, unsafe path)
  8    checkpoint engine error (CRIU missing, failed dump/restore)
  9    restore refused: this node or the job's files do not match the image
-10    permission denied: not the owner of the job or checkpoint
+10    permission denied: not the owner of the job or checkpoint, or not allowed to read its image
 11    not found: no such job or checkpoint
 12    Slurm error
 13    MPI / application-assisted checkpoint error
@@ -22,6 +22,8 @@ Exit codes (also in docs/cli.md):
 16    the job already ended on its own: resuming it needs ``--force``
 85    the job was checkpointed and stopped: requeue it
       (put ``RequeueExit=85`` in slurm.conf so Slurm does it by itself)
+141   the reader of hpcckpt's output went away (``hpcckpt list | head``): 128 + SIGPIPE,
+      as a shell reports any program killed by a closed pipe
 ====  ===============================================================
 
 A job that runs to its end exits with its own status, and a job killed by
@@ -48,6 +50,7 @@ EXIT_RUNNER = 14
 EXIT_JOB_RUNNING = 15
 EXIT_JOB_FINISHED = 16
 EXIT_REQUEUE = 85
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class HpcckptError(Exception):

@@ -31,6 +31,9 @@ PRIVATE_FILE_MODE = 0o600
 TEMP_PREFIX = ".tmp-"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What to do about a store directory hpcckpt cannot use, in every message about one.
+STORE_HINT = ("pass --store DIR, or set $HPCCKPT_STORE or the policy's storage.root, to a directory you can "
+              "write (on a cluster: the parallel filesystem); 'hpcckpt doctor' checks it")
 
 
 def running_as_root() -> bool:
@@ -86,10 +89,14 @@ def open_private_dir(
         if not create:
             raise
         # The base is admin-configured; create it readable so per-user dirs below are reachable.
-        os.makedirs(base, mode=0o755, exist_ok=True)
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.makedirs(base, mode=0o755, exist_ok=True)
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"{base}: cannot create the store directory: {exc.strerror}",
+                             hint=STORE_HINT) from exc
     except OSError as exc:
-        raise StoreError(f"{base}: cannot open store directory: {exc.strerror}") from exc
+        raise StoreError(f"{base}: cannot open the store directory: {exc.strerror}", hint=STORE_HINT) from exc
     where = base
     try:
         for part in rel.parts:
@@ -109,6 +116,9 @@ def open_private_dir(
                         "world-writable with the sticky bit (chmod 1777), as for /tmp; "
                         "under Slurm the hpcckpt prolog creates it",
                     ) from exc
+                except OSError as exc:  # a full disk, a read-only filesystem, /proc
+                    raise StoreError(f"{where}: cannot create this directory: {exc.strerror}",
+                                     hint=STORE_HINT) from exc
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
@@ -119,7 +129,7 @@ def open_private_dir(
                     ) from exc
                 if exc.errno == errno.ENOENT:
                     raise
-                raise StoreError(f"{where}: cannot open: {exc.strerror}") from exc
+                raise StoreError(f"{where}: cannot open: {exc.strerror}", hint=STORE_HINT) from exc
             os.close(fd)
             fd = child
             st = os.fstat(fd)

@@ -13,8 +13,10 @@ echo "[test] ruff" >&2
 "$VENV/bin/ruff" check hpcckpt tests benchmarks scripts examples
 echo "[test] mypy" >&2
 "$VENV/bin/mypy"
-echo "[test] fuzzing the image reader for 60 s" >&2
+echo "[test] fuzzing the image reader, the policy loader and the command line" >&2
 "$VENV/bin/python" -m tests.fuzz.fuzz_image --seconds "${HPCCKPT_FUZZ_SECONDS:-60}"
+"$VENV/bin/python" -m tests.fuzz.fuzz_policy --seconds "${HPCCKPT_FUZZ_POLICY_SECONDS:-30}"
+"$VENV/bin/python" -m tests.fuzz.fuzz_cli --seconds "${HPCCKPT_FUZZ_CLI_SECONDS:-30}"
 echo "[test] pytest (every test must run: a skip fails the run)" >&2
 export HPCCKPT_REQUIRE_ALL=1
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -142,9 +142,12 @@ class SqliteCatalog(Catalog):
                     return fn()
             except sqlite3.DatabaseError as exc:
                 if not (isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)):
+                    full = getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
                     raise CatalogError(
                         f"{self.path}: {what} failed: {exc}",
-                        hint="if the file is damaged, move it aside and run 'hpcckpt catalog rebuild'",
+                        hint=f"the disk holding {self.path.parent} is full: free space there, or choose "
+                        "another store (--store, $HPCCKPT_STORE)" if full
+                        else "if the file is damaged, move it aside and run 'hpcckpt catalog rebuild'",
                     ) from exc
                 if time.monotonic() >= deadline:
                     raise CatalogError(

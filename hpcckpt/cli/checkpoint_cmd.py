@@ -8,6 +8,8 @@ from typing import Any
 
 from hpcckpt.cli.common import add_json_arg, formatter, print_json
 from hpcckpt.errors import EngineError, HpcckptError
+from hpcckpt.inputs import seconds_arg
+from hpcckpt.jobid import validate_job_id
 
 HELP = """\
 Ask the runner of job JOBID (on this node, over its control socket) for a
@@ -30,8 +32,8 @@ def register(sub: Any) -> None:
                        formatter_class=formatter())
     p.add_argument("job_id", metavar="JOBID")
     p.add_argument("--and-stop", action="store_true", help="end the job after its checkpoint is committed")
-    p.add_argument("--deadline", type=float, metavar="S", help="give up (committing nothing) after S seconds")
-    p.add_argument("--timeout", type=float, default=900.0, metavar="S",
+    p.add_argument("--deadline", type=seconds_arg, metavar="S", help="give up (committing nothing) after S seconds")
+    p.add_argument("--timeout", type=seconds_arg, default=900.0, metavar="S",
                    help="how long to wait for the runner's answer (default 900)")
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -40,6 +42,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from hpcckpt.runner.control import request
 
+    validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     doc: dict[str, Any] = {"op": "checkpoint", "stop": bool(args.and_stop)}
     if args.deadline is not None:
         doc["deadline"] = args.deadline

@@ -10,7 +10,8 @@ from typing import Any
 EPILOG_EXIT_CODES = (
     "exit codes: 0 ok, 2 usage, 3 policy, 4 corrupt image, 5 unreadable image, 6 catalog,\n"
     "  7 store, 8 CRIU, 9 incompatible node, 10 permission, 11 not found, 12 Slurm, 13 MPI,\n"
-    "  14 runner unreachable, 85 checkpointed and stopped (requeue me). See docs/cli.md."
+    "  14 runner unreachable, 85 checkpointed and stopped (requeue me), 141 output pipe closed.\n"
+    "  See docs/cli.md."
 )
 
 

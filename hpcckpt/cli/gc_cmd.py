@@ -10,7 +10,7 @@ from hpcckpt.catalog.access import has_catalog, load_setup, opened, target_users
 from hpcckpt.catalog.gc import DEFAULT_GRACE_S, DEFAULT_STALE_AFTER_S, GcReport, collect_garbage
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_OK, EXIT_STORE
+from hpcckpt.errors import EXIT_OK, EXIT_STORE, UsageError
 from hpcckpt.humanize import human_size
 from hpcckpt.policy.units import parse_duration
 
@@ -83,12 +83,21 @@ def _summary(user: str, rep: GcReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _duration(flag: str, text: str | None, default: float) -> float:
+    if not text:
+        return default
+    try:
+        return float(parse_duration(text))
+    except ValueError:
+        raise UsageError(f"{flag}: not a duration: {text!r}", hint="write seconds or e.g. 10m, 2h, 1d") from None
+
+
 def run(args: argparse.Namespace) -> int:
     cli = {f"retention.{key}": getattr(args, key) for key, *_ in _OVERRIDES if getattr(args, key) is not None}
     flags = {f"retention.{key}": flag for key, flag, *_ in _OVERRIDES}
     setup = load_setup(args.store, args.catalog, args.policy, policy_cli=cli, policy_cli_flags=flags)
-    grace = float(parse_duration(args.grace)) if args.grace else DEFAULT_GRACE_S
-    stale = float(parse_duration(args.stale_after)) if args.stale_after else DEFAULT_STALE_AFTER_S
+    grace = _duration("--grace", args.grace, DEFAULT_GRACE_S)
+    stale = _duration("--stale-after", args.stale_after, DEFAULT_STALE_AFTER_S)
     docs: list[dict[str, Any]] = []
     errors = 0
     for user in target_users(setup.store_root, current_user(), args.user):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
 from hpcckpt import __version__
 from hpcckpt import log as hlog
 from hpcckpt.cli.common import EPILOG_EXIT_CODES
-from hpcckpt.errors import EXIT_INTERNAL, EXIT_USAGE, HpcckptError
+from hpcckpt.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_USAGE, HpcckptError
 
 # One module per subcommand, in the order `--help` lists them.
 SUBCOMMANDS = (
@@ -64,6 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. A reader that went away ends it quietly, as any Unix filter."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Flush here, where a closed pipe can still be handled, not at interpreter exit,
+            # where it would print "Exception ignored ... BrokenPipeError" and exit 120.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_closed_output()
+        return EXIT_BROKEN_PIPE
+
+
+def _output_closed(fd: int) -> bool:
+    """Whether ``fd`` is a pipe or socket whose reader has gone (writing it would fail with EPIPE)."""
+    poller = select.poll()
+    try:
+        poller.register(fd, select.POLLOUT)
+    except (OSError, ValueError):
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _drop_closed_output() -> None:
+    """Point closed stdout/stderr at /dev/null, so what is still buffered for them goes nowhere, silently."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):  # replaced by a test harness
+                continue
+            if stream is sys.stdout or _output_closed(fd):
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = "DEBUG" if args.verbose else ("WARNING" if args.quiet else None)
@@ -77,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HpcckptError as err:
         sys.stderr.write(f"hpcckpt: error: {err.render()}\n")
         return err.exit_code
+    except BrokenPipeError:
+        if any(_output_closed(fd) for fd in (1, 2)):
+            raise  # our own output's reader went away: main() ends quietly
+        logger.exception("internal error; please report it with this traceback")
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         sys.stderr.write("hpcckpt: interrupted\n")
         return 130

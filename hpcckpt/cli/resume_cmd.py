@@ -7,6 +7,8 @@ from typing import Any
 
 from hpcckpt.cli.common import add_store_args, formatter
 from hpcckpt.errors import UsageError
+from hpcckpt.inputs import ckptid_arg, seconds_arg
+from hpcckpt.jobid import validate_job_id
 
 HELP = """\
 Restore job JOBID from its latest committed image (or --ckpt ID), as a child
@@ -62,9 +64,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("resume", help="restart a job from its latest checkpoint", description=HELP,
                        formatter_class=formatter())
     p.add_argument("job_id", metavar="JOBID")
-    p.add_argument("--ckpt", type=int, metavar="ID", help="this checkpoint, not the latest")
+    p.add_argument("--ckpt", type=ckptid_arg, metavar="ID", help="this checkpoint, not the latest")
     p.add_argument("--interval", metavar="S", help="seconds between checkpoints after the restore")
-    p.add_argument("--deadline", type=float, metavar="S", help="seconds a final checkpoint may take")
+    p.add_argument("--deadline", type=seconds_arg, metavar="S", help="seconds a final checkpoint may take")
     p.add_argument("--submit", action="store_true",
                    help="submit a new Slurm job that resumes JOBID, print its job id, and return")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPT",
@@ -78,8 +80,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ckpt is not None and args.ckpt <= 0:
-        raise UsageError(f"--ckpt must be a positive checkpoint id, got {args.ckpt}")
+    validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     if args.sbatch and not args.submit:
         raise UsageError("--sbatch needs --submit")
     from hpcckpt.runner.session import SessionOptions, resume_job, submit_resume_job

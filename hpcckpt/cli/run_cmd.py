@@ -7,6 +7,7 @@ from typing import Any
 
 from hpcckpt.cli.common import add_store_args, formatter
 from hpcckpt.errors import UsageError
+from hpcckpt.inputs import seconds_arg
 
 HELP = """\
 Start COMMAND as pid 1 of a new PID namespace, checkpoint its whole process
@@ -46,9 +47,9 @@ def register(sub: Any) -> None:
     p.add_argument("--job-id", metavar="ID", help="job id outside Slurm (default: the Slurm job id, or generated)")
     p.add_argument("--resume-if-possible", action="store_true",
                    help="if this job id already has a committed image, restore it instead of starting COMMAND")
-    p.add_argument("--deadline", type=float, metavar="S",
+    p.add_argument("--deadline", type=seconds_arg, metavar="S",
                    help="seconds a final checkpoint may take after SIGTERM (default: policy grace_time - margin)")
-    p.add_argument("--signal", action="append", metavar="SIG", dest="signals",
+    p.add_argument("--signal", action="append", metavar="SIG", dest="signals", type=_signal,
                    help="preemption signal (repeatable; default: policy preemption.signals, TERM and USR1)")
     p.add_argument("--engine", choices=("criu", "app"), default=None,
                    help="criu: transparent (default); app: application-assisted, files only")
@@ -58,6 +59,16 @@ def register(sub: Any) -> None:
     add_store_args(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the job to run")
     p.set_defaults(func=run)
+
+
+def _signal(text: str) -> str:
+    """argparse ``type=`` for --signal: a signal a job can catch, checked as the policy checks its own."""
+    from hpcckpt.policy.kinds import Invalid, SignalListKind
+
+    try:
+        return SignalListKind().parse([text], from_text=False)[0]
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(f"not a signal a job can catch: {text!r} ({exc})") from None
 
 
 def run(args: argparse.Namespace) -> int:

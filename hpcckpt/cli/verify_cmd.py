@@ -27,8 +27,9 @@ in the catalog: 'hpcckpt list' shows it so, and resume no longer uses it.
 
 exit status: 0 all images ok; 4 some image is corrupt (or a failed
 checkpoint, or of an unsupported format); 5 some image is unreadable
-(missing, permission denied, I/O error) and none is corrupt; other codes as
-listed below (for example 11 when a checkpoint id is not in the catalog).
+(missing, not a regular file, I/O error) and none is corrupt; other codes as
+listed below (for example 10 when you may not read an image, 11 when a
+checkpoint id is not in the catalog, 2 for an id out of range).
 
 examples:
   hpcckpt verify 17 18 19

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, cast
 from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.fetch import ChunkBuffer, read_chunk
+from hpcckpt.image.files import open_image_fd
 from hpcckpt.image.model import ImageMeta
 from hpcckpt.image.records import Readable, RecordReader, record_checksum
 
@@ -155,14 +156,10 @@ class _Scanned:
 
 @contextlib.contextmanager
 def _open(path: Path) -> Iterator[BinaryIO]:
-    try:
-        # O_NOFOLLOW: root may resolve parents inside a user's job dir
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise UnreadableImageError(f"{path}: parent image is missing", hint="the chain is broken; "
-                                   "resume from a full checkpoint (hpcckpt list JOBID)") from exc
-    except OSError as exc:
-        raise UnreadableImageError(f"{path}: cannot open parent image: {exc.strerror}") from exc
+    # No symlinks: root may resolve parents inside a user's job dir. An unreadable parent is an
+    # image problem (a resume falls back to an older image), not the caller's missing right.
+    fd = open_image_fd(path, role="parent image", follow_symlinks=False, denied=UnreadableImageError,
+                       missing_hint="the chain is broken; resume from a full checkpoint (hpcckpt list JOBID)")
     f = os.fdopen(fd, "rb", buffering=64 << 10)
     try:
         yield f

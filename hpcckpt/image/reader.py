@@ -22,10 +22,11 @@ from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 import xxhash
 
 from hpcckpt import progress
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
+from hpcckpt.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
 from hpcckpt.image.fetch import ChunkAt
+from hpcckpt.image.files import open_image_fd
 from hpcckpt.image.model import (
     FieldError,
     ImageMeta,
@@ -83,16 +84,7 @@ def open_source(src: Path | str | BinaryIO, buffering: int = _READ_BUFFER) -> It
     """(stream, name for messages) for a path or an already open binary stream."""
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        try:
-            f = open(name, "rb", buffering=buffering)  # noqa: SIM115 - closed below
-        except FileNotFoundError as exc:
-            raise UnreadableImageError(f"{name}: no such image file", hint="check the path") from exc
-        except IsADirectoryError as exc:
-            raise UnreadableImageError(f"{name}: is a directory, not an image file") from exc
-        except OSError as exc:
-            raise UnreadableImageError(
-                f"{name}: cannot open: {exc.strerror}", hint="check the file's permissions"
-            ) from exc
+        f = os.fdopen(open_image_fd(name), "rb", buffering=buffering)
         meter = progress.current()
         try:
             if meter is None:

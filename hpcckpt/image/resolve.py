@@ -6,6 +6,7 @@ a catalog; :func:`catalog_lookup` is the real one the CLI uses.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from hpcckpt.errors import (
     NotFoundError,
     PermissionDeniedError,
     UnreadableImageError,
+    UsageError,
 )
+from hpcckpt.inputs import CKPTID_MAX, CKPTID_MIN, looks_like_ckptid, parse_ckptid
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,38 @@ Lookup = Callable[[int], "CkptRef | None"]
 
 def resolve_image(arg: str, user: User, lookup: Lookup | None) -> Path:
     """The image file ``arg`` names. Existing paths win over checkpoint ids."""
-    if os.path.lexists(arg) or not arg.isdigit():
-        if not os.path.lexists(arg):
+    if not arg:
+        raise UsageError("an empty argument is neither an image path nor a checkpoint id")
+    exists = _path_exists(arg)
+    if exists or not looks_like_ckptid(arg):
+        if not exists:
             raise UnreadableImageError(f"{arg}: no such image file", hint="give an image path or a checkpoint id")
         return Path(arg)
+    ckptid = parse_ckptid(arg)  # a usage error naming the range, before any catalog is opened
     if lookup is None:
         raise CatalogError(f"{arg}: no such file, and no catalog to look up checkpoint {arg} in")
-    return image_by_id(int(arg), user, lookup)
+    return image_by_id(ckptid, user, lookup)
+
+
+def _path_exists(arg: str) -> bool:
+    """Whether ``arg`` names something; a path the caller may not search is a permission error.
+
+    os.path.lexists() says False for those, and the user then heard "no such
+    image file" about a file that exists.
+    """
+    try:
+        os.lstat(arg)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDeniedError(f"{arg}: permission denied: you may not reach this image",
+                                        hint="images are readable only by the user who took them (and root)"
+                                        ) from exc
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return False
+        raise UnreadableImageError(f"{arg}: {exc.strerror}") from exc
+    except ValueError:  # an embedded NUL byte: no file has that name
+        return False
+    return True
 
 
 def image_by_id(ckptid: int, user: User, lookup: Lookup) -> Path:
@@ -113,6 +141,8 @@ class CatalogLookup:
         return self._cat
 
     def __call__(self, ckptid: int) -> CkptRef | None:
+        if not CKPTID_MIN <= ckptid <= CKPTID_MAX:
+            return None  # no row has it, and the database would refuse the number (a parent id from a header)
         rec = self.catalog().get(ckptid)
         return None if rec is None else ref_of(rec)
 

@@ -21,14 +21,21 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from hpcckpt.errors import PolicyError
+from hpcckpt.inputs import NotRegularFileError, open_regular
 from hpcckpt.policy.diagnostics import Diagnostic, Loc
 
 MAX_POLICY_BYTES = 1 << 20  # far above any sane policy; stops a huge or endless file early
+# A policy is a few dozen keys three levels deep. These bounds are far above that, and far below what
+# would exhaust Python's stack (the composer recurses per level) or memory (aliases share nodes, so a
+# "billion laughs" file of a few lines stands for 10**9 values once expanded).
+MAX_DEPTH = 64  # nested sequences and mappings
+MAX_NODES = 100_000  # values, counted as expanded: each alias counts the whole node it repeats
+MAX_ALIASES = 1_000  # uses of an alias (*name)
 
 SCALAR = "scalar"
 SEQ = "seq"
@@ -71,13 +78,12 @@ def read_policy_text(path: Path, *, layer: str, trusted_uids: Collection[int] | 
     one of them (root is always trusted).
     """
     as_root = os.geteuid() == 0
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang a prolog
-    target = path
-    if as_root:
-        target = _resolve_root_owned_links(path)
-        flags |= os.O_NOFOLLOW
+    target = _resolve_root_owned_links(path) if as_root else path
     try:
-        fd = os.open(target, flags)
+        fd = open_regular(target, follow_symlinks=not as_root)  # a FIFO must not hang a prolog
+    except NotRegularFileError as err:
+        raise PolicyError(f"{path}: {layer} policy is {err.kind}, not a regular file",
+                          hint="point at a YAML file") from err
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise PolicyError(
@@ -91,8 +97,6 @@ def read_policy_text(path: Path, *, layer: str, trusted_uids: Collection[int] | 
         ) from err
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PolicyError(f"{path}: {layer} policy is not a regular file", hint="point at a YAML file")
         if as_root:
             trusted = {0, *(trusted_uids or ())}
             if st.st_uid not in trusted:
@@ -149,10 +153,15 @@ def parse_yaml(text: str, *, file: str, layer: str) -> tuple[YNode | None, list[
     A syntax error stops parsing, so it is reported alone; other problems are
     all collected. An empty document gives an empty mapping.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = BoundedLoader(text)  # refuses control characters at once
+    except yaml.reader.ReaderError as err:
+        return None, [_reader_diagnostic(err, text, file, layer)]
     try:
         try:
             root = loader.get_single_node()
+        except yaml.reader.ReaderError as err:
+            return None, [_reader_diagnostic(err, text, file, layer)]
         except yaml.MarkedYAMLError as err:
             return None, [_syntax_diagnostic(err, file, layer)]
         except yaml.YAMLError as err:  # unmarked: only "expected a single document" and the like
@@ -166,8 +175,82 @@ def parse_yaml(text: str, *, file: str, layer: str) -> tuple[YNode | None, list[
         loader.dispose()
 
 
+class BoundedLoader(yaml.SafeLoader):
+    """A safe loader whose composer refuses deep nesting, recursive aliases and alias bombs.
+
+    The checks run while the node graph is being built, before anything
+    expands it, so an input that breaks a bound costs no more than reading
+    up to that point; the error is a composer error with the offending mark.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # expanded size of everything composed so far
+        self._aliases = 0
+        self._open_anchors: set[str] = set()  # anchors of collections still being composed
+        self._anchor_sizes: dict[str, int] = {}  # anchor -> expanded size of its node
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._use_alias(event)
+            return cast(yaml.Node, super().compose_node(parent, index))
+        collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        anchor = event.anchor
+        before = self._nodes
+        self._count(1, event)
+        if collection:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise _composer_error(f"nested more than {MAX_DEPTH} levels deep; a policy needs a handful", event)
+            if anchor is not None:
+                self._open_anchors.add(anchor)
+        try:
+            node = cast(yaml.Node, super().compose_node(parent, index))
+        finally:
+            if collection:
+                self._depth -= 1
+                self._open_anchors.discard(anchor or "")
+        if anchor is not None:
+            self._anchor_sizes[anchor] = self._nodes - before
+        return node
+
+    def _use_alias(self, event: yaml.AliasEvent) -> None:
+        anchor = event.anchor or ""
+        if anchor in self._open_anchors:
+            raise _composer_error(f"alias *{anchor} is used inside the node &{anchor} it names (a recursive alias)",
+                                  event)
+        self._aliases += 1
+        if self._aliases > MAX_ALIASES:
+            raise _composer_error(f"more than {MAX_ALIASES} aliases", event)
+        # An undefined alias counts 1 here; the composer then reports it as undefined.
+        self._count(self._anchor_sizes.get(anchor, 1), event)
+
+    def _count(self, size: int, event: yaml.Event) -> None:
+        self._nodes += size
+        if self._nodes > MAX_NODES:
+            raise _composer_error(f"more than {MAX_NODES} values once aliases are expanded "
+                                  "(an alias repeats the whole node it names)", event)
+
+
+def _composer_error(problem: str, event: yaml.Event) -> yaml.composer.ComposerError:
+    """An error at ``event``, which parse_yaml turns into a diagnostic naming file, line and column."""
+    return yaml.composer.ComposerError(None, None, problem, cast(yaml.error.Mark, event.start_mark))
+
+
 def _mark_loc(mark: Any, file: str, layer: str) -> Loc:
     return Loc(layer, file, mark.line + 1, mark.column + 1)
+
+
+def _reader_diagnostic(err: yaml.reader.ReaderError, text: str, file: str, layer: str) -> Diagnostic:
+    """A character YAML does not allow (a control character, say), at its line and column."""
+    pos = max(0, min(int(err.position), len(text)))
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    char = err.character if isinstance(err.character, int) else ord(str(err.character)[:1] or "\0")
+    return Diagnostic(Loc(layer, file, line, col), f"invalid YAML: character U+{char:04X} is not allowed "
+                                                   f"({err.reason}); remove it")
 
 
 def _syntax_diagnostic(err: yaml.MarkedYAMLError, file: str, layer: str) -> Diagnostic:

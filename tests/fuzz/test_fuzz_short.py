@@ -1,4 +1,4 @@
-"""A short run of the image fuzzer (the long one: python -m tests.fuzz.fuzz_image --seconds N)."""
+"""Short runs of the fuzzers (the long ones: python -m tests.fuzz.fuzz_image|fuzz_policy|fuzz_cli --seconds N)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,15 @@ def test_fuzz_reader_short() -> None:
 
 def test_fuzz_memory_bounded() -> None:
     assert run(2.0, batch=50) >= 50
+
+
+def test_fuzz_policy_loader_short() -> None:
+    from tests.fuzz import fuzz_policy
+
+    assert fuzz_policy.run(2.0, batch=50) >= 50
+
+
+def test_fuzz_cli_short() -> None:
+    from tests.fuzz import fuzz_cli
+
+    assert fuzz_cli.run(2.0, batch=50) >= 50

@@ -68,7 +68,7 @@ def test_verify_exit_codes(image: Path, tmp_path: Path, capsys: pytest.CaptureFi
 def test_verify_unreadable_permission(image: Path) -> None:
     if os.geteuid() != 0:
         os.chmod(image, 0)
-        assert main(["verify", str(image)]) == 5
+        assert main(["verify", str(image)]) == 10
         return
     # Root reads any file: ask as an ordinary user instead, on an image they may not read.
     import shutil
@@ -85,9 +85,10 @@ def test_verify_unreadable_permission(image: Path) -> None:
         shutil.copyfile(image, locked)
         locked.chmod(0o600)  # root's, unreadable to alice
         res = run_as(alice, [sys.executable, "-m", "hpcckpt", "verify", str(locked)], env={"PYTHONPATH": str(REPO)})
-        assert res.returncode == 5, res.stdout + res.stderr
-        assert "ermission" in res.stdout + res.stderr
-        # ... and the same bytes, readable, verify fine: the 5 was about access, not content.
+        # the permission error (10), not "unreadable" (5) and never "no such image file"
+        assert res.returncode == 10, res.stdout + res.stderr
+        assert "permission denied" in res.stdout + res.stderr
+        # ... and the same bytes, readable, verify fine: the 10 was about access, not content.
         locked.chmod(0o644)
         ok = run_as(alice, [sys.executable, "-m", "hpcckpt", "verify", str(locked)], env={"PYTHONPATH": str(REPO)})
         assert ok.returncode == 0, ok.stdout + ok.stderr
