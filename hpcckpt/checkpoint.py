@@ -377,7 +377,9 @@ class Checkpointer:
                 if predumped is not None:
                     adopt_parent(staged.dump_dir, predumped)
                     meta.extra["predump"] = True  # restored from an unpacked copy: CRIU streams no parents
-                staged.mark_done(meta, user, tasks=tasks, files=files)
+                # In the catalog row: what the job paid for this image (hpcckpt drain --json reports it).
+                staged.mark_done(meta, user, tasks=tasks, files=files,
+                                 begin={"meta": {"frozen_s": round(frozen, 3), "final": final}})
             except (HpcckptError, OSError) as err:
                 if final:
                     signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)

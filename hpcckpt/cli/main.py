@@ -26,6 +26,8 @@ SUBCOMMANDS = (
     "policy",
     "doctor",
     "slurm",
+    "drain",
+    "migrate",
 )
 
 DESCRIPTION = """\

@@ -25,8 +25,10 @@ When ``hpcckpt run`` resumes instead of starting: after a Slurm requeue
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -205,10 +207,28 @@ def _resumer(env: Environment) -> Resumer:
                    stream=env.policy.restore.stream)
 
 
-def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
+def _restored(env: Environment, job_id: str, ckptid: int | None = None, *, as_job: str | None = None) -> Restored:
+    started = time.time()
     restored = _resumer(env).resume(job_id, ckptid)
     env.network.after_restore(restored.pid, restored.summary.meta.extra)
+    _record_restored(env, as_job or job_id, restored, started)
     return restored
+
+
+def _record_restored(env: Environment, job_id: str, restored: Restored, started: float) -> None:
+    """A ``restored`` job event: when this run began restoring which image, and for how long.
+
+    ``hpcckpt drain --json`` reads it to split a moved job's downtime into
+    Slurm's scheduling (the final image's commit to this start) and the restore.
+    """
+    # restore_s: from the start of the resume (image checks, unpack or stream) until the job runs again.
+    detail = {"ckptid": restored.ckptid, "started": round(started, 3), "restore_s": round(time.time() - started, 3),
+              "criu_s": round(restored.restore_s, 3), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    try:
+        env.catalog.record_job_event(job_id, uid=env.user.uid, event="restored", detail=json.dumps(detail),
+                                     node=node_name())
+    except HpcckptError as err:
+        hlog.event(_log, "resume.unrecorded", f"could not record the restore as a job event: {err}", 30)
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
@@ -254,7 +274,7 @@ def run_job(
     try:
         if want_resume:
             try:
-                restored = _restored(env, source_job)
+                restored = _restored(env, source_job, as_job=ident.job_id)
             except NotFoundError as err:
                 hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
                            "starting the command", job_id=ident.job_id)
