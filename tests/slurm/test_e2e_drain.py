@@ -35,7 +35,7 @@ def _steps(counter: Counter) -> int:
 
 
 def _check_moved(cluster: SlurmCluster, counter: Counter, job: str, moved: dict[str, Any], away: str) -> None:
-    """Resumed elsewhere from the final checkpoint, and counting on from where it stopped: then cancelled."""
+    """Resumed elsewhere from the final checkpoint, with its downtime in four parts, and counting on."""
     assert moved["state"] == "resumed", moved
     assert away not in moved["new_nodes"] and moved["new_nodes"], moved
     dt = moved["downtime"]
@@ -43,13 +43,18 @@ def _check_moved(cluster: SlurmCluster, counter: Counter, job: str, moved: dict[
         assert dt[part] is not None and dt[part] >= 0, f"{part} missing from {dt}"
     assert dt["total_s"] == pytest.approx(dt["freeze_s"] + dt["flush_s"] + dt["scheduling_s"] + dt["restore_s"],
                                           abs=0.01)
+    _check_counted_on(cluster, counter, job, moved["final_ckptid"])
+
+
+def _check_counted_on(cluster: SlurmCluster, counter: Counter, job: str, final: int) -> None:
+    """The job went on from checkpoint ``final`` at the next step and counts on; then it is cancelled."""
     at = _steps(counter)
     wait_for(lambda: _steps(counter) >= at + 3, 60, f"job {job} to count on after its resume")
     cluster.cmd(["scancel", job])
     cluster.wait_state(job, ["CANCELLED"], 60)
     runs = parse_output(counter.output(job))
-    assert runs.restored_from == [moved["final_ckptid"]], "the job resumed from the drain's final checkpoint"
-    stopped = checkpointed_step(image_path(cluster, moved["final_ckptid"]), counter.trace)
+    assert runs.restored_from == [final], "the job resumed from the final checkpoint of its move"
+    stopped = checkpointed_step(image_path(cluster, final), counter.trace)
     assert stopped == runs.segments[0][-1] > 0, "the final checkpoint holds the last step the first run made"
     assert runs.segments[1][0] == stopped + 1, "the resumed run went on at the next step, none lost or redone"
     done = counter.trace.read_text().split()
@@ -75,6 +80,7 @@ def roomy() -> Iterator[SlurmCluster]:
 
 def test_drain_moves_hpcckpt_jobs_and_leaves_plain_one(roomy: SlurmCluster, tmp_path: Path) -> None:
     cluster = roomy
+    cluster.cancel_all()  # what an earlier test here may have left
     cluster.wait_idle(60)
     # Only node1 is free while the jobs start: all three land there (partition shared).
     for node in ("node2", "node3"):
@@ -114,6 +120,7 @@ def test_drain_moves_hpcckpt_jobs_and_leaves_plain_one(roomy: SlurmCluster, tmp_
 
 def test_migrate_moves_one_job_off_its_node(roomy: SlurmCluster, tmp_path: Path) -> None:
     cluster = roomy
+    cluster.cancel_all()  # what an earlier test here may have left
     cluster.wait_idle(60)
     counter = Counter(tmp_path, steps=1000, delay=0.25, interval=600)
     job = cluster.sbatch(counter.script("--requeue", "--partition=low"))
@@ -131,3 +138,30 @@ def test_migrate_moves_one_job_off_its_node(roomy: SlurmCluster, tmp_path: Path)
     res = _hpcckpt(cluster, "migrate", plain)
     assert res.returncode == 12 and "not under hpcckpt" in res.stderr, res.stderr
     assert cluster.show_job(plain)["JobState"] == "RUNNING"
+    cluster.cmd(["scancel", plain])
+
+
+def test_drain_watch_moves_jobs_off_a_node_the_admin_drained(roomy: SlurmCluster, tmp_path: Path) -> None:
+    """`scontrol update state=drain` runs no hook (docs/slurm.md): the periodic drain watch moves the job."""
+    cluster = roomy
+    cluster.cancel_all()  # what an earlier test here may have left
+    cluster.wait_idle(60)
+    counter = Counter(tmp_path, steps=1000, delay=0.25, interval=600)
+    job = cluster.sbatch(counter.script("--requeue", "--partition=low"))
+    node = cluster.wait_state(job, ["RUNNING"], 60)["NodeList"]
+    wait_for(lambda: _steps(counter) >= 4, 60, "the counter to count")
+    try:
+        cluster.cmd(["scontrol", "update", f"nodename={node}", "state=drain", "reason=admin: fan"])
+        res = _hpcckpt(cluster, "slurm", "drain-watch", "--json", "--timeout", "120")
+        assert res.returncode == 0, res.stderr
+        [report] = json.loads(res.stdout)
+        assert report["node"] == node and not report["drained"] and report["reason"].startswith("admin: fan")
+        [moved] = report["moved"]
+        assert moved["job_id"] == job and moved["state"] == "requeued", moved
+        info = cluster.wait_state(job, ["RUNNING"], 60)
+        assert info["NodeList"] != node and node in info["ExcNodeList"].split(",")
+        # The watch does not wait for the resume: its report has the final checkpoint's part of the downtime.
+        assert moved["downtime"]["freeze_s"] is not None and moved["downtime"]["flush_s"] is not None
+        _check_counted_on(cluster, counter, job, moved["final_ckptid"])
+    finally:
+        cluster.cmd(["scontrol", "update", f"nodename={node}", "state=resume"], check=False)
