@@ -410,8 +410,9 @@ class Checkpointer:
                 if predumped is not None:
                     adopt_parent(staged.dump_dir, predumped)
                     meta.extra["predump"] = True  # restored from an unpacked copy: CRIU streams no parents
+                # In the catalog row: what the job paid for this image (metrics, hpcckpt drain --json).
                 staged.mark_done(meta, user, tasks=tasks, files=files,
-                                 begin={"meta": self._row_meta(frozen, frozen_at, choice.kind)})
+                                 begin={"meta": {**self._row_meta(frozen, frozen_at, choice.kind), "final": final}})
             except (HpcckptError, OSError) as err:
                 if final:
                     signal_tree(procinfo.tree_pids(pid), signal.SIGCONT)

@@ -31,6 +31,8 @@ SUBCOMMANDS = (
     "policy",
     "doctor",
     "slurm",
+    "drain",
+    "migrate",
 )
 
 DESCRIPTION = """\

@@ -25,6 +25,7 @@ When ``hpcckpt run`` resumes instead of starting: after a Slurm requeue
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from hpcckpt.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.engine.base import CheckpointEngine, DumpOptions
 from hpcckpt.engine.criu import Criu
-from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, JobFinishedError, NotFoundError, StoreError, UsageError
+from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, JobFinishedError, NotFoundError, UsageError
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
 from hpcckpt.lease import DEFAULT_TTL_S, Lease, LeaseRecord, LeaseState, acquire
@@ -248,19 +249,33 @@ def _resumer(env: Environment) -> Resumer:
                    stream=env.policy.restore.stream)
 
 
-def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
+def _restored(env: Environment, job_id: str, ckptid: int | None = None, *, as_job: str | None = None) -> Restored:
+    started = time.time()
     restored = _resumer(env).resume(job_id, ckptid)
     env.network.after_restore(restored.pid, restored.summary.meta.extra)
-    try:
-        scratch.prepare(env.user, _scratch_of(restored))
-    except StoreError as err:  # the job runs already; it may not even use them
-        hlog.event(_log, "runner.scratch_failed", str(err), 30)
+    _record_restored(env, as_job or job_id, restored, started)
     return restored
 
 
 def _scratch_of(restored: Restored) -> list[str]:
     paths = restored.summary.meta.extra.get("scratch")
     return [str(p) for p in paths] if isinstance(paths, list) else []
+
+
+def _record_restored(env: Environment, job_id: str, restored: Restored, started: float) -> None:
+    """A ``restored`` job event: when this run began restoring which image, and for how long.
+
+    ``hpcckpt drain --json`` reads it to split a moved job's downtime into
+    Slurm's scheduling (the final image's commit to this start) and the restore.
+    """
+    # restore_s: from the start of the resume (image checks, unpack or stream) until the job runs again.
+    detail = {"ckptid": restored.ckptid, "started": round(started, 3), "restore_s": round(time.time() - started, 3),
+              "criu_s": round(restored.restore_s, 3), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    try:
+        env.catalog.record_job_event(job_id, uid=env.user.uid, event="restored", detail=json.dumps(detail),
+                                     node=node_name())
+    except HpcckptError as err:
+        hlog.event(_log, "resume.unrecorded", f"could not record the restore as a job event: {err}", 30)
 
 
 def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
@@ -335,7 +350,7 @@ def run_job(
     try:
         if want_resume:
             try:
-                restored = _restored(env, source_job)
+                restored = _restored(env, source_job, as_job=ident.job_id)
             except NotFoundError as err:
                 hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
                            "starting the command", job_id=ident.job_id)

@@ -72,6 +72,16 @@ class SlurmAdapter(Protocol):
 
     def hostnames(self, expr: str) -> list[str]: ...
 
+    def show_node(self, node: str) -> dict[str, str]: ...
+
+    def running_jobs(self, node: str) -> list[str]: ...
+
+    def all_nodes(self) -> list[dict[str, str]]: ...
+
+    def signal_batch(self, job_id: str, signal: str) -> None: ...
+
+    def is_operator(self, user: str) -> bool: ...
+
 
 class ScontrolAdapter:
     """The real Slurm, through its client commands. Honors ``$SLURM_CONF``."""
@@ -155,13 +165,61 @@ class ScontrolAdapter:
 
     def node_state(self, node: str) -> str:
         """The node's State, e.g. ``IDLE``, ``DOWN*+DRAIN``, ``ALLOCATED``."""
+        return self.show_node(node).get("State", "")
+
+    def show_node(self, node: str) -> dict[str, str]:
+        """``scontrol -o show node NODE`` as a dict (State, Reason, ...)."""
         if not _NODE_RE.match(node):
             raise SlurmError(f"{node!r} is not a node name")
-        out = self._run(["scontrol", "-o", "show", "node", node])
+        try:
+            out = self._run(["scontrol", "-o", "show", "node", node])
+        except SlurmError as err:
+            if "Invalid node name" in err.message:
+                raise NotFoundError(f"Slurm does not know node {node}",
+                                    hint="'sinfo -N' lists the nodes") from err
+            raise
         for rec in parse_show_job(out):
             if rec.get("NodeName") == node:
-                return rec.get("State", "")
-        raise NotFoundError(f"Slurm does not know node {node}")
+                return rec
+        raise NotFoundError(f"Slurm does not know node {node}", hint="'sinfo -N' lists the nodes")
+
+    def running_jobs(self, node: str) -> list[str]:
+        """Ids of the jobs running on ``node`` (``N``, or ``N_M`` for an array task)."""
+        if not _NODE_RE.match(node):
+            raise SlurmError(f"{node!r} is not a node name")
+        out = self._run(["squeue", "--noheader", "--all", f"--nodelist={node}", "--states=RUNNING",
+                         "--format=%i"])
+        return [j for j in (line.strip() for line in out.splitlines()) if _JOB_ID_RE.match(j)]
+
+    def all_nodes(self) -> list[dict[str, str]]:
+        """Every node, as ``scontrol -o show node`` prints it."""
+        return [rec for rec in parse_show_job(self._run(["scontrol", "-o", "show", "node"])) if rec.get("NodeName")]
+
+    def signal_batch(self, job_id: str, signal: str) -> None:
+        """Send ``signal`` to the job's batch shell only (``scancel --batch``): for ``exec hpcckpt run``
+        that is the runner itself, and the job's own processes are not touched."""
+        if not signal.isalnum():
+            raise SlurmError(f"{signal!r} is not a signal name")
+        self._run(["scancel", "--batch", f"--signal={signal}", check_job_id(job_id)])
+
+    def is_operator(self, user: str) -> bool:
+        """Whether ``user`` may operate Slurm: its SlurmUser, or AdminLevel Operator/Administrator in
+        Slurm's accounting. False when it cannot tell (no slurmdbd); root is checked by the caller."""
+        if not user or not user.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            return False
+        try:
+            config = self._run(["scontrol", "show", "config"])
+        except SlurmError:
+            config = ""
+        for line in config.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "SlurmUser" and value.strip().split("(")[0] == user:
+                return True
+        try:
+            out = self._run(["sacctmgr", "--noheader", "--parsable2", "show", "user", user, "format=AdminLevel"])
+        except SlurmError:
+            return False
+        return any(line.strip().lower() in ("operator", "administrator") for line in out.splitlines())
 
     def hostnames(self, expr: str) -> list[str]:
         """Expand a Slurm hostlist (``node[1-3]``) into names."""

@@ -41,7 +41,15 @@ from hpcckpt.pipeline.flush import FlushSettings
 from hpcckpt.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
-from hpcckpt.slurm.restart_policy import Action, JobOutcome, Kind, RestartDecision, RestartRules, decide
+from hpcckpt.slurm.restart_policy import (
+    Action,
+    JobOutcome,
+    Kind,
+    RestartDecision,
+    RestartRules,
+    decide,
+    pending_move,
+)
 
 _log = hlog.get("slurm.hooks")
 JOB_INFO_FILE = "slurm-job.json"
@@ -540,7 +548,7 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
                 state=state, exit_code=env.exit_code, exit_signal=env.exit_signal,
                 requeue_allowed=job.get("Requeue", "1") == "1", has_checkpoint=has_ckpt,
                 prior_failures=prior, nodes=nodes, failed_nodes=_failed_nodes(deps, nodes),
-                excluded=_split_list(job.get("ExcNodeList")),
+                excluded=_split_list(job.get("ExcNodeList")), moved_from=pending_move(events),
             )
             decision = decide(deps.rules, outcome)
             cat.record_job_event(

@@ -23,8 +23,9 @@ end the same way.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 EXIT_REQUEUE = 85
 # Job states in which Slurm has already put the job back in the queue.
@@ -73,6 +74,9 @@ class JobOutcome:
     nodes: Sequence[str] = ()  # the nodes it ran on
     failed_nodes: Sequence[str] = ()  # of those, the ones Slurm now reports down / not responding
     excluded: Sequence[str] = ()  # the job's current ExcNodeList
+    # Nodes an admin or the owner moved the job off (`hpcckpt drain` / `hpcckpt migrate`): a voluntary
+    # comeback that must not land there again, whatever failure.exclude_failed_node says.
+    moved_from: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,25 @@ class RestartDecision:
     @property
     def restarts(self) -> bool:
         return self.action in (Action.ADJUST, Action.REQUEUE)
+
+
+MOVE_EVENT = "move"
+
+
+def pending_move(events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The nodes of the job's last ``move`` event (drain, migrate) if no ``end`` event came after it.
+
+    ``hpcckpt drain`` and ``hpcckpt migrate`` record the event before they signal
+    the job; the run that took the final checkpoint then ends, and the restart
+    that follows must keep off those nodes. Events are the catalog's, oldest first.
+    """
+    nodes: list[str] = []
+    for ev in events:
+        if ev.get("event") == MOVE_EVENT:
+            nodes = [n for n in str(ev.get("node") or "").split(",") if n]
+        elif ev.get("event") == "end":
+            nodes = []  # that move was for a run that has ended already (the hook reads before it records)
+    return nodes
 
 
 def classify(out: JobOutcome) -> Kind:
@@ -114,9 +137,10 @@ def backoff_delay(rules: RestartRules, kind: Kind, failures: int) -> int:
 
 
 def _exclusions(rules: RestartRules, out: JobOutcome) -> list[str]:
-    if not rules.exclude_failed_node or not out.failed_nodes:
+    failed = list(out.failed_nodes) if rules.exclude_failed_node else []
+    if not failed and not out.moved_from:
         return []
-    merged = list(dict.fromkeys([*out.excluded, *out.failed_nodes]))
+    merged = list(dict.fromkeys([*out.excluded, *failed, *out.moved_from]))
     return merged[-MAX_EXCLUDED_NODES:]
 
 

@@ -51,6 +51,21 @@ class QuietSlurm:
     def hostnames(self, expr: str) -> list[str]:
         return [expr]
 
+    def show_node(self, node: str) -> dict[str, str]:
+        return {"NodeName": node, "State": "IDLE"}
+
+    def running_jobs(self, node: str) -> list[str]:
+        return []
+
+    def all_nodes(self) -> list[dict[str, str]]:
+        return []
+
+    def signal_batch(self, job_id: str, signal: str) -> None:
+        self._refuse()
+
+    def is_operator(self, user: str) -> bool:
+        return False
+
 
 @pytest.fixture
 def site(shared_tmp: Path) -> tuple[Path, Path]:

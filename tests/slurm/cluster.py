@@ -74,9 +74,11 @@ def _hpcckpt_bin() -> str:
 class SlurmCluster:
     """munged + slurmctld + 3 slurmd, configured with the project's hooks."""
 
-    def __init__(self, base: Path | None = None, *, grace_time: int = 30) -> None:
+    def __init__(self, base: Path | None = None, *, grace_time: int = 30,
+                 cpus: Mapping[str, int] | None = None) -> None:
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="hpcckpt-slurm-"))
         self.grace_time = grace_time
+        self.cpus = {n: CPUS_PER_NODE for n in NODES} | dict(cpus or {})  # more CPUs: several jobs per node
         self.conf = self.base / "slurm.conf"
         self.store = self.base / "store"
         self.staging = self.base / "staging"
@@ -113,7 +115,7 @@ class SlurmCluster:
         self.store.mkdir(mode=0o755, exist_ok=True)
         self.staging.mkdir(mode=0o755, exist_ok=True)
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} RealMemory=1000 "
+            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus[n]} RealMemory=1000 "
             "State=UNKNOWN"
             for n, p in zip(NODES, self.node_ports, strict=True)
         )
@@ -173,6 +175,8 @@ PartitionName=low Nodes={allnodes} Default=YES MaxTime=INFINITE State=UP Priorit
 GraceTime={self.grace_time} PreemptMode=REQUEUE OverSubscribe=EXCLUSIVE
 PartitionName=high Nodes={allnodes} Default=NO MaxTime=INFINITE State=UP PriorityTier=10 \
 PreemptMode=OFF OverSubscribe=EXCLUSIVE
+# Jobs share nodes here, one per CPU (the drain test puts several jobs on one node).
+PartitionName=shared Nodes={allnodes} Default=NO MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
 """
         )
         self.site_policy.write_text(
@@ -193,6 +197,8 @@ PreemptMode=OFF OverSubscribe=EXCLUSIVE
             f"HPCCKPT_HOOK_LOG={self.hook_log}\n"
             f"SLURM_CONF={self.conf}\n"
             f"PATH={Path(self.hpcckpt).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            # The hooks run the code under test (a worktree on PYTHONPATH), like the jobs, which inherit it.
+            + (f"PYTHONPATH={os.environ['PYTHONPATH']}\n" if os.environ.get("PYTHONPATH") else "")
         )
         for hook in ("prolog", "epilog", "epilog_slurmctld"):
             wrapper = b / "hooks" / hook

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,10 @@ class FakeSlurm:
     submitted: list[tuple[str, list[str], dict[str, str]]] = field(default_factory=list)
     fail_requeues: int = 0  # refuse this many requeues, as Slurm does while a job completes
     next_id: int = 1000
+    node_fields: dict[str, dict[str, str]] = field(default_factory=dict)  # show_node beyond State
+    operators: set[str] = field(default_factory=set)
+    # What the job does when its batch shell is signalled: called with (fake, job_id, signal).
+    on_signal: Callable[[FakeSlurm, str, str], None] | None = None
 
     def show_job(self, job_id: str) -> dict[str, str]:
         if job_id not in self.jobs:
@@ -46,6 +50,8 @@ class FakeSlurm:
 
     def drain(self, node: str, reason: str) -> None:
         self.calls.append(("drain", node, reason))
+        self.nodes[node] = self.nodes.get(node, "IDLE").split("+")[0] + "+DRAIN"
+        self.node_fields.setdefault(node, {})["Reason"] = reason
 
     def batch_script(self, job_id: str) -> str:
         if job_id not in self.scripts:
@@ -57,3 +63,25 @@ class FakeSlurm:
 
     def hostnames(self, expr: str) -> list[str]:
         return expr.split(",")
+
+    def show_node(self, node: str) -> dict[str, str]:
+        if node not in self.nodes and node not in self.node_fields:
+            raise NotFoundError(f"Slurm does not know node {node}")
+        return {"NodeName": node, "State": self.node_state(node), **self.node_fields.get(node, {})}
+
+    def running_jobs(self, node: str) -> list[str]:
+        return [j for j, f in self.jobs.items()
+                if f.get("JobState") == "RUNNING" and node in f.get("NodeList", "").split(",")]
+
+    def all_nodes(self) -> list[dict[str, str]]:
+        return [self.show_node(n) for n in dict.fromkeys([*self.nodes, *self.node_fields])]
+
+    def signal_batch(self, job_id: str, signal: str) -> None:
+        self.calls.append(("signal", job_id, signal))
+        if job_id not in self.jobs:
+            raise NotFoundError(f"Slurm does not know job {job_id}")
+        if self.on_signal is not None:
+            self.on_signal(self, job_id, signal)
+
+    def is_operator(self, user: str) -> bool:
+        return user in self.operators
