@@ -56,6 +56,8 @@ from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
 from hpcckpt.image.parent import chain_info
 from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver
 from hpcckpt.image.stream import PreparedImage, prepare_image
+from hpcckpt.lazyrestore import LazyRestore
+from hpcckpt.lazyrestore import begin as begin_lazy
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner.launch import StdioPipes
 from hpcckpt.security import authorize_restore
@@ -161,6 +163,7 @@ class Restored:
     image: Path | None = None  # the image restored from: the parent of the next checkpoint
     staging: str = ""  # where it was unpacked: "tmpfs" | "disk"
     streamed: bool = False  # memory pages streamed to CRIU rather than unpacked first
+    lazy: LazyRestore | None = None  # memory still coming on demand (hpcckpt.lazyrestore)
 
     @property
     def interval(self) -> float | None:
@@ -266,6 +269,8 @@ class Resumer:
         grown_files: str = "truncate",
         tmpfs: Path | None = TMPFS,
         stream: bool = True,
+        lazy: str = "off",
+        lazy_threshold: int = 0,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -275,6 +280,7 @@ class Resumer:
         self.options = options
         self.grown_files = grown_files
         self.stream = stream
+        self.lazy, self.lazy_threshold = lazy, lazy_threshold
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
@@ -323,6 +329,7 @@ class Resumer:
         if dest.exists():
             shutil.rmtree(dest)
         prepared: PreparedImage | None = None
+        lazy: LazyRestore | None = None
         try:
             cpu = EarlyCpuCheck(self.engine)
             if stream:
@@ -361,7 +368,9 @@ class Resumer:
                                path=path, size=size)
                     truncate_file(path, size, inode)
 
-            if prepared is None:
+            if prepared is not None:
+                lazy = begin_lazy(self.engine, prepared, mode=self.lazy, threshold=self.lazy_threshold)
+            if prepared is None or lazy is not None:
                 last_checks()
             pipes = StdioPipes.create()
             stdio = summary.meta.extra.get("stdio") or {}
@@ -375,18 +384,26 @@ class Resumer:
                 # even its inventory, until last_checks() has passed (and CRIU fails if they do not).
                 res = self.engine.restore(dest, options=self.options.for_image(summary.meta.extra),
                                           inherit_fds=inherit,
-                                          source=prepared.open if prepared is not None else None,
-                                          gate=last_checks if prepared is not None else None)
+                                          source=prepared.open if prepared is not None and not lazy else None,
+                                          gate=last_checks if prepared is not None and not lazy else None,
+                                          lazy_pages=lazy is not None)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
                 pipes.close_write_ends()
                 raise
             pipes.close_write_ends()
+            if lazy is not None:
+                lazy.attach(res.pid)
+        except BaseException:
+            if lazy is not None:
+                lazy.abort()
+            raise
         finally:
-            if prepared is not None:
-                prepared.close()
-            shutil.rmtree(dest, ignore_errors=True)
+            if lazy is None:  # else the lazy restore owns them until every page is resident
+                if prepared is not None:
+                    prepared.close()
+                shutil.rmtree(dest, ignore_errors=True)
         try:
             self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{node_name()}",
                                        new_job_id=os.environ.get("SLURM_JOB_ID"))
@@ -394,8 +411,8 @@ class Resumer:
             hlog.event(_log, "resume.unrecorded", f"could not record the resume: {err}", 30)
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
                    ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
-                   parents=summary.parents, streamed=prepared is not None)
+                   parents=summary.parents, streamed=prepared is not None, lazy=lazy is not None)
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
                         fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind,
-                        streamed=prepared is not None)
+                        streamed=prepared is not None, lazy=lazy)
 

@@ -202,7 +202,8 @@ def _resumer(env: Environment) -> Resumer:
     options = replace(DumpOptions.from_policy(env.policy), on_netns=env.network.attach)
     return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
                    options=options, grown_files=env.policy.restore.grown_files,
-                   stream=env.policy.restore.stream)
+                   stream=env.policy.restore.stream, lazy=env.policy.restore.lazy,
+                   lazy_threshold=env.policy.restore.lazy_threshold)
 
 
 def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
