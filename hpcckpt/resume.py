@@ -298,10 +298,14 @@ class Resumer:
                                 hint="see 'hpcckpt list'; checkpoints are filed under the Slurm job id or --job-id")
         return recs
 
-    def resume(self, job_id: str, ckptid: int | None = None) -> Restored:
+    def resume(self, job_id: str, ckptid: int | None = None, before: int | None = None) -> Restored:
+        """``before``: only checkpoints older than that one (a lazy restore of it failed while the job ran)."""
         fallbacks: list[str] = []
         last: HpcckptError | None = None
-        for rec in self.candidates(job_id, ckptid):
+        recs = [r for r in self.candidates(job_id, ckptid) if before is None or r.ckptid < before]
+        if not recs:
+            raise NotFoundError(f"job {job_id} has no committed checkpoint older than {before}")
+        for rec in recs:
             try:
                 restored = self._try(rec)
             except (ImageError, EngineError) as err:

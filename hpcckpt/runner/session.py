@@ -49,6 +49,7 @@ from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
 from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
+from hpcckpt.runner import lazywatch
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
 from hpcckpt.runner.network import HOST, JobNetwork
@@ -206,8 +207,8 @@ def _resumer(env: Environment) -> Resumer:
                    lazy_threshold=env.policy.restore.lazy_threshold)
 
 
-def _restored(env: Environment, job_id: str, ckptid: int | None = None) -> Restored:
-    restored = _resumer(env).resume(job_id, ckptid)
+def _restored(env: Environment, job_id: str, ckptid: int | None = None, before: int | None = None) -> Restored:
+    restored = _resumer(env).resume(job_id, ckptid, before)
     env.network.after_restore(restored.pid, restored.summary.meta.extra)
     return restored
 
@@ -270,6 +271,8 @@ def run_job(
             runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored),
                              publisher=publisher)
             runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+            lazywatch.watch(runner, restored, lambda b: _restored(env, source_job, before=b),
+                            lambda r: _chain_parent(env, r), env.network.close)
         else:
             pipes = StdioPipes.create()
             job = JobInfo(identity=ident, user=env.user, cmdline=list(argv), cwd=os.getcwd(),
@@ -315,6 +318,8 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
                       stdio=dict(restored.pipes.resources), interval={}, policy_digest=env.policy.digest())
         runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored), publisher=publisher)
         runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+        lazywatch.watch(runner, restored, lambda b: _restored(env, job_id, before=b), lambda r: _chain_parent(env, r),
+                        env.network.close)
     except BaseException:
         signals.restore()
         env.network.close()

@@ -1,0 +1,102 @@
+"""Lazy restores under real CRIU: the job runs before its memory is in, and the result is still exact.
+
+A numpy job holding hundreds of MiB is checkpointed by ``hpcckpt run``,
+killed with its runner (a node crash), and resumed with ``restore.lazy:
+on``: ``criu restore --lazy-pages`` with ``criu lazy-pages`` asking our page
+server (hpcckpt.engine.pageserver) for every page, which answers from the
+image, chunk by checked chunk. The job's final digest must equal that of an
+uninterrupted run of the same program.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcckpt.image import format as F
+from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
+from tests.criu.test_stream_restore import page_chunks
+
+pytestmark = [pytest.mark.criu]
+NUMPY_JOB = str(PROGS / "numpy_job.py")
+
+
+def reference(work: Path, size: int, steps: int) -> str:
+    """The digest of an uninterrupted run (the program is deterministic; no tick needed)."""
+    out = work / "reference.txt"
+    subprocess.run([sys.executable, NUMPY_JOB, str(out), str(size), str(steps), "0"], check=True, timeout=300)
+    return out.read_text().strip()
+
+
+def run_job(work: Path, job: str, pol: Path, size: int, steps: int, checkpoints: int) -> tuple[Cmd, Path]:
+    out = work / f"{job}.digest"
+    run = hpcckpt(["run", "--job-id", job, "--interval", "1", "--policy", str(pol), "--", sys.executable, NUMPY_JOB,
+                   str(out), str(size), str(steps), "0.15"], work, "run", work / "store")
+    pid = job_pid(job)
+    wait_for(lambda: run.lines(), 120, "the job's first step")  # its whole array exists: the images hold it all
+    before = len(run.events("checkpoint.committed"))
+    wait_for(lambda: len(run.events("checkpoint.committed")) >= before + checkpoints, 180,
+             f"{checkpoints} checkpoints")
+    kill_everything(run, pid)
+    assert not out.exists(), "the job finished before it was killed: give it more steps"
+    return run, out
+
+
+def resume(work: Path, job: str, pol: Path) -> Cmd:
+    res = hpcckpt(["resume", job, "--interval", "1000", "--policy", str(pol)], work, "resume", work / "store")
+    assert res.wait(300) == 0, res.err.read_text()[-3000:]
+    return res
+
+
+def test_a_lazily_resumed_512_mib_job_ends_bit_identical_to_an_uninterrupted_run(work: Path) -> None:
+    pol = work / "policy.yaml"
+    pol.write_text("restore:\n  lazy: \"on\"\n")
+    _run, out = run_job(work, "lz512", pol, 512, 60, 1)
+    res = resume(work, "lz512", pol)
+    restored = res.events("resume.restored")
+    assert len(restored) == 1 and restored[0]["lazy"] is True
+    started, resident = res.events("lazy.started"), res.events("lazy.resident")
+    assert started and started[0]["lazy_bytes"] >= 500 << 20, "the job's memory did not come lazily"
+    assert resident, "the lazy restore never reported every page resident"
+    assert out.read_text().strip() == reference(work, 512, 60)
+
+
+def test_a_corrupt_chunk_found_while_the_job_runs_kills_it_and_the_previous_image_finishes_it(work: Path) -> None:
+    pol = work / "policy.yaml"
+    pol.write_text("restore:\n  lazy: \"on\"\npipeline:\n  incremental: false\n")  # every image stores its pages
+    run, out = run_job(work, "lzbad", pol, 384, 60, 2)
+    done = run.events("checkpoint.committed")
+    latest, previous = Path(str(done[-1]["path"])), int(str(done[-2]["ckptid"]))
+    chunks = page_chunks(latest)
+    bad = chunks[len(chunks) // 2]  # the middle of the job's array: served lazily, not before the job runs
+    raw = bytearray(latest.read_bytes())
+    raw[bad + F.RECORD_HEADER.size + F.CHUNK.size + 100] ^= 0x01
+    latest.write_bytes(bytes(raw))
+
+    res = resume(work, "lzbad", pol)
+    events = [e for e in res.events() if e.get("event") in ("resume.restored", "lazy.failed", "resume.lazy_fallback")]
+    names = [e["event"] for e in events]
+    # The job was running (restored lazily from the latest image) when the chunk was found bad.
+    assert names[:3] == ["resume.restored", "lazy.failed", "resume.lazy_fallback"], names
+    assert events[0]["ckptid"] == done[-1]["ckptid"] and events[0]["lazy"] is True
+    assert f"{latest}, offset {bad}" in str(events[1]["msg"]) and "checksum mismatch" in str(events[1]["msg"])
+    assert "resumes from the checkpoint before it" in str(events[2]["msg"])
+    again = [e for e in events[3:] if e["event"] == "resume.restored"]
+    assert again and again[0]["ckptid"] == previous
+    assert out.read_text().strip() == reference(work, 384, 60)
+
+
+def test_an_incremental_chain_restores_lazily(work: Path) -> None:
+    pol = work / "policy.yaml"
+    pol.write_text("restore:\n  lazy: \"on\"\npipeline:\n  full_every: 50\n  max_chain_ratio: 100\n")
+    run, out = run_job(work, "lzchain", pol, 256, 60, 3)
+    done = run.events("checkpoint.committed")
+    assert done[-1]["parent"] is not None, "the latest image is not incremental"
+    res = resume(work, "lzchain", pol)
+    restored = res.events("resume.restored")
+    assert restored[0]["ckptid"] == done[-1]["ckptid"] and restored[0]["lazy"] is True
+    assert res.events("lazy.resident")
+    assert out.read_text().strip() == reference(work, 256, 60)
