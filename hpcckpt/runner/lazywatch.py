@@ -34,9 +34,11 @@ def resident_gate(lazy: LazyRestore) -> Callable[[float | None], None]:
     def wait(deadline: float | None) -> None:
         if lazy.resident.is_set():
             return
-        hlog.event(_log, "checkpoint.waits_resident", "checkpoint waits for the lazy restore's memory", 10)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        t0 = time.monotonic()
+        left = None if deadline is None else max(0.0, deadline - t0)
         if lazy.wait_resident(left):
+            hlog.event(_log, "checkpoint.waited_resident", f"the checkpoint waited {time.monotonic() - t0:.2f} s "
+                       "for the lazily restored memory to be all in", seconds=round(time.monotonic() - t0, 3))
             return
         if lazy.failure is not None:
             raise EngineError(f"the job's memory could not be restored: {describe_failure(lazy.failure)}")

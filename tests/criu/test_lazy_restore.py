@@ -45,8 +45,8 @@ def run_job(work: Path, job: str, pol: Path, size: int, steps: int, checkpoints:
     return run, out
 
 
-def resume(work: Path, job: str, pol: Path) -> Cmd:
-    res = hpcckpt(["resume", job, "--interval", "1000", "--policy", str(pol)], work, "resume", work / "store")
+def resume(work: Path, job: str, pol: Path, interval: str = "1000") -> Cmd:
+    res = hpcckpt(["resume", job, "--interval", interval, "--policy", str(pol)], work, "resume", work / "store")
     assert res.wait(300) == 0, res.err.read_text()[-3000:]
     return res
 
@@ -95,8 +95,12 @@ def test_an_incremental_chain_restores_lazily(work: Path) -> None:
     run, out = run_job(work, "lzchain", pol, 256, 60, 3)
     done = run.events("checkpoint.committed")
     assert done[-1]["parent"] is not None, "the latest image is not incremental"
-    res = resume(work, "lzchain", pol)
+    res = resume(work, "lzchain", pol, interval="1")  # checkpoints fall due while pages still come
     restored = res.events("resume.restored")
     assert restored[0]["ckptid"] == done[-1]["ckptid"] and restored[0]["lazy"] is True
-    assert res.events("lazy.resident")
+    resident, waited = res.events("lazy.resident"), res.events("checkpoint.waited_resident")
+    assert resident and waited, "no checkpoint waited for the lazily restored memory"
+    assert str(waited[0]["ts"]) >= str(resident[0]["ts"]), "a dump started before all pages were in"
+    after = res.events("checkpoint.committed")
+    assert after and after[0]["parent"] == done[-1]["ckptid"], "the next checkpoint did not chain on"
     assert out.read_text().strip() == reference(work, 256, 60)
