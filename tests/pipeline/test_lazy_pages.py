@@ -181,7 +181,12 @@ def test_a_bad_chunk_fails_the_read_and_tells_on_failure_once(chain: Chain, tmp_
     p = prepare_image(chain.path(1), tmp_path / "dest", chain.path)
     failures: list[BaseException] = []
     done = threading.Event()
-    pages = LazyPages(p, on_failure=lambda e: (failures.append(e), done.set()))
+
+    def failed(exc: BaseException) -> None:
+        failures.append(exc)
+        done.set()
+
+    pages = LazyPages(p, on_failure=failed)
     try:
         assert b"".join(pages.read("pages-1.img", 0, MiB)) == bytes(chain.mem[:MiB])
         pages.start_prefetch()  # reaches the bad chunk in image order, with nobody asking for it
