@@ -45,7 +45,8 @@ _log = hlog.get("image.lazy")
 
 # Chunks kept ahead of what the daemon was given, and the most kept at all (1 MiB chunks by default).
 PREFETCH_WINDOW = 32
-CACHE_LIMIT = 96
+CACHE_LIMIT = 48
+READ_AHEAD = 4  # chunks the kernel is asked to read ahead of the prefetch
 
 
 class _Section:
@@ -175,11 +176,24 @@ class LazyPages:
                         return
                     skip = self._done[g] or g in self._cache
                 if not skip:
+                    self._read_ahead(g + READ_AHEAD)
                     self._load(g)
                     self.prefetched += 1
                 g += 1
         except BaseException:  # recorded by _load through _fail
             return
+
+    def _read_ahead(self, g: int) -> None:
+        """Ask the kernel to start reading chunk ``g`` of this image now, while earlier ones are checked
+        and served (a cold store otherwise idles while we hash)."""
+        if g >= len(self._order):
+            return
+        name, i = self._order[g]
+        c = self.sections[name].chunks[i]
+        if c.ref == 0:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.prepared._fd, c.rec_offset, _record_size(c) + F.RECORD_HEADER.size,
+                                 os.POSIX_FADV_WILLNEED)
 
     def chunk_index(self, name: str, offset: int) -> int:
         sec = self.sections[name]

@@ -10,6 +10,8 @@ uninterrupted run of the same program.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,103 @@ def test_an_incremental_chain_restores_lazily(work: Path) -> None:
     after = res.events("checkpoint.committed")
     assert after and after[0]["parent"] == done[-1]["ckptid"], "the next checkpoint did not chain on"
     assert out.read_text().strip() == reference(work, 256, 60)
+
+
+def _run_root(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+class FlakyStore:
+    """A store on its own ext4 filesystem over device-mapper, whose blocks can be made to fail (EIO).
+
+    Nothing is faked: the kernel's block layer returns the errors, as it does
+    for a disk or a network block device that stops answering.
+    """
+
+    def __init__(self, root: Path, size_mib: int = 1536) -> None:
+        self.mount = root / "store"
+        self.backing = root / "store.disk"
+        self.name = f"hpcckpt-test-{os.getpid()}"
+        with open(self.backing, "wb") as f:
+            f.truncate(size_mib << 20)
+        self.sectors = (size_mib << 20) // 512
+        self.loop = _run_root("losetup", "-f", "--show", str(self.backing)).strip()
+        self.mounted = False
+        try:
+            _run_root("dmsetup", "create", self.name, "--table", f"0 {self.sectors} linear {self.loop} 0")
+            self.dev = f"/dev/mapper/{self.name}"
+            _run_root("mkfs.ext4", "-q", "-F", self.dev)
+            self.mount.mkdir(exist_ok=True)
+            _run_root("mount", self.dev, str(self.mount))
+            self.mounted = True
+        except BaseException:
+            self.close()
+            raise
+
+    def fail(self, path: Path, lo: int, hi: int) -> None:
+        """Make bytes lo..hi of ``path`` (4 KiB aligned) unreadable: those blocks now answer EIO."""
+        blocks = []
+        for line in _run_root("filefrag", "-v", "-b4096", str(path)).splitlines():
+            parts = line.replace(":", " ").replace("..", " ").split()
+            if len(parts) >= 6 and parts[0].isdigit():
+                logical, _end, physical, _pend, length = (int(p) for p in parts[1:6])
+                blocks.append((logical, physical, length))
+        segs = []
+        for logical, physical, length in blocks:
+            a, b = max(lo // 4096, logical), min(hi // 4096, logical + length)
+            if a < b:
+                segs.append(((physical + a - logical) * 8, (b - a) * 8))
+        assert segs, "no block of the range found"
+        table, at = [], 0
+        for start, n in sorted(segs):
+            if start > at:
+                table.append(f"{at} {start - at} linear {self.loop} {at}")
+            table.append(f"{start} {n} error")
+            at = start + n
+        table.append(f"{at} {self.sectors - at} linear {self.loop} {at}")
+        _run_root("dmsetup", "suspend", self.name)
+        subprocess.run(["dmsetup", "load", self.name], input="\n".join(table) + "\n", check=True, text=True,
+                       capture_output=True, timeout=60)
+        _run_root("dmsetup", "resume", self.name)
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # what is cached is not read again from the disk
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.mount)], check=False, timeout=120)
+        subprocess.run(["dmsetup", "remove", self.name], check=False, capture_output=True, timeout=60)
+        subprocess.run(["losetup", "-d", self.loop], check=False, timeout=60)
+        self.backing.unlink(missing_ok=True)
+
+
+def test_a_store_that_stops_answering_during_the_prefetch_kills_the_job_and_the_previous_image_finishes_it(
+        work: Path) -> None:
+    if not all(shutil.which(t) for t in ("dmsetup", "losetup", "mkfs.ext4", "filefrag")):
+        pytest.skip("needs dmsetup, losetup, mkfs.ext4 and filefrag")
+    shutil.rmtree(work / "store")
+    store = FlakyStore(work)
+    try:
+        pol = work / "policy.yaml"
+        pol.write_text("restore:\n  lazy: \"on\"\npipeline:\n  incremental: false\n")
+        run, out = run_job(work, "lzeio", pol, 256, 60, 2)
+        done = run.events("checkpoint.committed")
+        latest, previous = Path(str(done[-1]["path"])), int(str(done[-2]["ckptid"]))
+        chunks = page_chunks(latest)
+        rec = chunks[len(chunks) // 2]
+        data = rec + F.RECORD_HEADER.size + F.CHUNK.size
+        # Inside the chunk's data only: the record headers, which the restore reads before CRIU starts,
+        # stay readable; the data is read by the prefetch once the job runs.
+        store.fail(latest, (data // 4096 + 2) * 4096, (data // 4096 + 200) * 4096)
+
+        res = resume(work, "lzeio", pol)
+        events = [e for e in res.events() if e.get("event") in ("resume.restored", "lazy.failed",
+                                                                 "resume.lazy_fallback")]
+        names = [e["event"] for e in events]
+        assert names[:3] == ["resume.restored", "lazy.failed", "resume.lazy_fallback"], names
+        assert events[0]["ckptid"] == done[-1]["ckptid"] and events[0]["lazy"] is True
+        assert "read error" in str(events[1]["msg"]) and str(latest) in str(events[1]["msg"])
+        again = [e for e in events[3:] if e["event"] == "resume.restored"]
+        assert again and again[0]["ckptid"] == previous
+        assert out.read_text().strip() == reference(work, 256, 60)
+    finally:
+        store.close()
