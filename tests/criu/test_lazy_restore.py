@@ -108,92 +108,55 @@ def test_an_incremental_chain_restores_lazily(work: Path) -> None:
     assert out.read_text().strip() == reference(work, 256, 60)
 
 
-def _run_root(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+class FailingStore:
+    """The job's store directory served back through FUSE (tests/criu/failfs.py), whose reads can be failed.
 
-
-class FlakyStore:
-    """A store on its own ext4 filesystem over device-mapper, whose blocks can be made to fail (EIO).
-
-    Nothing is faked: the kernel's block layer returns the errors, as it does
-    for a disk or a network block device that stops answering.
+    Nothing is faked in hpcckpt: the kernel returns EIO to its reads, as for a
+    disk or a network filesystem that stopped answering.
     """
 
-    def __init__(self, root: Path, size_mib: int = 1536) -> None:
-        self.mount = root / "store"
-        self.backing = root / "store.disk"
-        self.name = f"hpcckpt-test-{os.getpid()}"
-        with open(self.backing, "wb") as f:
-            f.truncate(size_mib << 20)
-        self.sectors = (size_mib << 20) // 512
-        self.loop = _run_root("losetup", "-f", "--show", str(self.backing)).strip()
-        self.mounted = False
-        try:
-            _run_root("dmsetup", "create", self.name, "--table", f"0 {self.sectors} linear {self.loop} 0")
-            self.dev = f"/dev/mapper/{self.name}"
-            _run_root("mkfs.ext4", "-q", "-F", self.dev)
-            self.mount.mkdir(exist_ok=True)
-            _run_root("mount", self.dev, str(self.mount))
-            self.mounted = True
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, job_dir: Path, work: Path) -> None:
+        self.mount = job_dir
+        self.backing = work / "backing"
+        self.control = work / "failfs.control"
+        self.control.write_text("")
+        job_dir.rename(self.backing)
+        job_dir.mkdir(mode=0o700)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("failfs.py")), str(self.backing),
+                                      str(job_dir), str(self.control)], stdin=subprocess.DEVNULL)
+        wait_for(lambda: os.path.ismount(job_dir) or self.proc.poll() is not None, 30, "the FUSE mount")
+        assert self.proc.poll() is None, "failfs.py did not mount"
 
-    def fail(self, path: Path, lo: int, hi: int) -> None:
-        """Make bytes lo..hi of ``path`` (4 KiB aligned) unreadable: those blocks now answer EIO."""
-        blocks = []
-        for line in _run_root("filefrag", "-v", "-b4096", str(path)).splitlines():
-            parts = line.replace(":", " ").replace("..", " ").split()
-            if len(parts) >= 6 and parts[0].isdigit():
-                logical, _end, physical, _pend, length = (int(p) for p in parts[1:6])
-                blocks.append((logical, physical, length))
-        segs = []
-        for logical, physical, length in blocks:
-            a, b = max(lo // 4096, logical), min(hi // 4096, logical + length)
-            if a < b:
-                segs.append(((physical + a - logical) * 8, (b - a) * 8))
-        assert segs, "no block of the range found"
-        table, at = [], 0
-        for start, n in sorted(segs):
-            if start > at:
-                table.append(f"{at} {start - at} linear {self.loop} {at}")
-            table.append(f"{start} {n} error")
-            at = start + n
-        table.append(f"{at} {self.sectors - at} linear {self.loop} {at}")
-        _run_root("dmsetup", "suspend", self.name)
-        subprocess.run(["dmsetup", "load", self.name], input="\n".join(table) + "\n", check=True, text=True,
-                       capture_output=True, timeout=60)
-        _run_root("dmsetup", "resume", self.name)
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # what is cached is not read again from the disk
+    def fail(self, name: str, lo: int, hi: int) -> None:
+        self.control.write_text(f"{name} {lo} {hi}")
 
     def close(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", str(self.mount)], check=False, timeout=120)
-        subprocess.run(["dmsetup", "remove", self.name], check=False, capture_output=True, timeout=60)
-        subprocess.run(["losetup", "-d", self.loop], check=False, timeout=60)
-        self.backing.unlink(missing_ok=True)
+        subprocess.run(["fusermount", "-u", str(self.mount)], check=False, timeout=60)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def test_a_store_that_stops_answering_during_the_prefetch_kills_the_job_and_the_previous_image_finishes_it(
         work: Path) -> None:
-    if not all(shutil.which(t) for t in ("dmsetup", "losetup", "mkfs.ext4", "filefrag")):
-        pytest.skip("needs dmsetup, losetup, mkfs.ext4 and filefrag")
-    shutil.rmtree(work / "store")
-    store = FlakyStore(work)
+    if shutil.which("fusermount") is None or not Path("/dev/fuse").exists():
+        pytest.skip("needs FUSE (fusermount, /dev/fuse; scripts/setup.sh installs fuse and libfuse2)")
+    pytest.importorskip("fuse", reason="needs fusepy (the test extra)")
+    pol = work / "policy.yaml"
+    pol.write_text("restore:\n  lazy: \"on\"\npipeline:\n  incremental: false\n")
+    run, out = run_job(work, "lzeio", pol, 256, 60, 2)
+    done = run.events("checkpoint.committed")
+    latest, previous = Path(str(done[-1]["path"])), int(str(done[-2]["ckptid"]))
+    chunks = page_chunks(latest)
+    rec = chunks[len(chunks) // 2]
+    store = FailingStore(latest.parent, work)
     try:
-        pol = work / "policy.yaml"
-        pol.write_text("restore:\n  lazy: \"on\"\npipeline:\n  incremental: false\n")
-        run, out = run_job(work, "lzeio", pol, 256, 60, 2)
-        done = run.events("checkpoint.committed")
-        latest, previous = Path(str(done[-1]["path"])), int(str(done[-2]["ckptid"]))
-        chunks = page_chunks(latest)
-        rec = chunks[len(chunks) // 2]
+        # Inside the chunk's data only: the record headers, read before CRIU starts, stay readable; the
+        # data is read by the prefetch (or a fault) once the job runs.
         data = rec + F.RECORD_HEADER.size + F.CHUNK.size
-        # Inside the chunk's data only: the record headers, which the restore reads before CRIU starts,
-        # stay readable; the data is read by the prefetch once the job runs.
-        store.fail(latest, (data // 4096 + 2) * 4096, (data // 4096 + 200) * 4096)
-
+        store.fail(latest.name, data + 4096, data + 8192)
         res = resume(work, "lzeio", pol)
         events = [e for e in res.events() if e.get("event") in ("resume.restored", "lazy.failed",
                                                                  "resume.lazy_fallback")]
