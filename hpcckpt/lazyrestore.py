@@ -47,6 +47,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ LAZY_CHOICES = ("auto", "on", "off")
 UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 _READY_TIMEOUT = 30.0
 SOCKET_BUFFER = 8 << 20
+SWITCH_INTERVAL = 0.0002
 
 
 def lazy_unavailable(engine: object, *, euid: int, sysctl: Path = UFFD_SYSCTL) -> str | None:
@@ -118,6 +120,7 @@ class LazyRestore:
         self.started = time.monotonic()
         self.resident_s: float | None = None
         self._lock = threading.Lock()
+        self._switch: float | None = None
         self._pages = LazyPages(prepared, on_failure=self._fail)
         self._server: PageServer | None = None
         self._daemon: subprocess.Popen[bytes] | None = None
@@ -158,6 +161,11 @@ class LazyRestore:
             failed = self.failure
         if failed is not None:  # failed while criu was still restoring: the job never gets to run
             self._kill()
+        # A fault waits on our page server's thread; with Python's default 5 ms switch interval it would wait
+        # that long for the interpreter whenever another thread (the runner setting up, the prefetch hashing)
+        # holds it. Measured: see docs/performance.md. Set back once every page is in.
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self._pages.start_prefetch()
         self._watch = threading.Thread(target=self._wait_daemon, name="hpcckpt-lazy-watch", daemon=True)
         self._watch.start()
@@ -214,6 +222,9 @@ class LazyRestore:
         return self.resident.is_set()
 
     def _cleanup(self) -> None:
+        if self._switch is not None:
+            sys.setswitchinterval(self._switch)
+            self._switch = None
         if self._server is not None:
             self._server.close()
         self._pages.close()

@@ -47,6 +47,7 @@ _log = hlog.get("image.lazy")
 PREFETCH_WINDOW = 32
 CACHE_LIMIT = 48
 READ_AHEAD = 4  # chunks the kernel is asked to read ahead of the prefetch
+DEMAND_WAIT = 0.05  # the most the prefetch waits for the page server's reads before its own
 
 
 class _Section:
@@ -75,6 +76,7 @@ class LazyPages:
         self._done = [False] * len(order)  # handed out whole: never needed again
         self._frontier = 0  # lowest chunk not yet handed out whole
         self._cond = threading.Condition()
+        self._demand = 0  # reads asked for by the page server in progress
         self._stop = False
         self.error: BaseException | None = None
         self.prefetched = 0  # chunks read and checked by the prefetch
@@ -131,7 +133,14 @@ class LazyPages:
             i = bisect.bisect_right(sec.starts, offset) - 1
             c = sec.chunks[i]
             g = sec.first + i
-            view = self._load(g)
+            with self._cond:
+                self._demand += 1
+            try:
+                view = self._load(g)
+            finally:
+                with self._cond:
+                    self._demand -= 1
+                    self._cond.notify_all()
             lo = offset - c.offset
             part = view[lo : lo + min(length, c.raw_len - lo)]
             out.append(part)
@@ -176,6 +185,8 @@ class LazyPages:
                         return
                     skip = self._done[g] or g in self._cache
                 if not skip:
+                    with self._cond:  # a page the job waits for first: the store serves one read at a time
+                        self._cond.wait_for(lambda: self._demand == 0 or self._stop, DEMAND_WAIT)
                     self._read_ahead(g + READ_AHEAD)
                     self._load(g)
                     self.prefetched += 1
