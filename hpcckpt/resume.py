@@ -281,6 +281,7 @@ class Resumer:
         self.grown_files = grown_files
         self.stream = stream
         self.lazy, self.lazy_threshold = lazy, lazy_threshold
+        self._lazy_started = False
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def candidates(self, job_id: str, ckptid: int | None = None) -> list[CkptRecord]:
@@ -307,7 +308,7 @@ class Resumer:
             raise NotFoundError(f"job {job_id} has no committed checkpoint older than {before}")
         for rec in recs:
             try:
-                restored = self._try(rec)
+                restored = self._try_lazy_then_streamed(rec)
             except (ImageError, EngineError) as err:
                 msg = f"checkpoint {rec.ckptid} of job {job_id} cannot be restored: {err}"
                 fallbacks.append(msg)
@@ -322,7 +323,19 @@ class Resumer:
             last.message += f" (and {len(fallbacks) - 1} newer checkpoint(s) failed too)"
         raise last
 
-    def _try(self, rec: CkptRecord) -> Restored:
+    def _try_lazy_then_streamed(self, rec: CkptRecord) -> Restored:
+        """CRIU refusing a lazy restore (the node's userfaultfd, the daemon) is no fault of the image."""
+        self._lazy_started = False
+        try:
+            return self._try(rec)
+        except EngineError as err:
+            if not self._lazy_started:
+                raise
+            hlog.event(_log, "resume.lazy_refused", f"lazy restore of checkpoint {rec.ckptid} failed: {err}; "
+                       "restoring it streamed", 30, ckptid=rec.ckptid, excerpt=getattr(err, "log_excerpt", ""))
+            return self._try(rec, lazy_ok=False)
+
+    def _try(self, rec: CkptRecord, lazy_ok: bool = True) -> Restored:
         image = Path(rec.path)
         need, predumped = header_facts(image)
         stream = self.stream and not predumped
@@ -372,8 +385,9 @@ class Resumer:
                                path=path, size=size)
                     truncate_file(path, size, inode)
 
-            if prepared is not None:
+            if prepared is not None and lazy_ok:
                 lazy = begin_lazy(self.engine, prepared, mode=self.lazy, threshold=self.lazy_threshold)
+                self._lazy_started = lazy is not None
             if prepared is None or lazy is not None:
                 last_checks()
             pipes = StdioPipes.create()

@@ -10,15 +10,24 @@ uninterrupted run of the same program.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hpcckpt.catalog import open_catalog
+from hpcckpt.context import current_user
+from hpcckpt.engine.base import DumpOptions, RestoreResult
+from hpcckpt.engine.criu import Criu
+from hpcckpt.errors import EngineError
 from hpcckpt.image import format as F
+from hpcckpt.resume import Resumer
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 from tests.criu.test_stream_restore import page_chunks
 
@@ -169,3 +178,38 @@ def test_a_store_that_stops_answering_during_the_prefetch_kills_the_job_and_the_
         assert out.read_text().strip() == reference(work, 256, 60)
     finally:
         store.close()
+
+
+class LazyRefusingCriu(Criu):
+    """Real CRIU, except that ``criu restore --lazy-pages`` is refused, as a node without userfaultfd would."""
+
+    def restore(self, images_dir: Path, **kw: Any) -> RestoreResult:
+        if kw.get("lazy_pages"):
+            raise EngineError("criu restore failed (exit 1): Lazy pages are not available: Operation not permitted")
+        return super().restore(images_dir, **kw)
+
+
+def test_criu_refusing_the_lazy_restore_restores_the_same_image_streamed(work: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    pol = work / "policy.yaml"
+    pol.write_text("restore:\n  lazy: \"on\"\n")
+    run, _out = run_job(work, "lzref", pol, 128, 200, 1)
+    latest = run.events("checkpoint.committed")[-1]
+    me = current_user()
+    catalog = open_catalog(None, work / "store", me)
+    resumer = Resumer(engine=LazyRefusingCriu(Criu.locate().path), catalog=catalog, user=me,
+                      disk_staging=work / "staging", options=DumpOptions(), lazy="on")
+    try:
+        with caplog.at_level(logging.INFO):
+            restored = resumer.resume("lzref")
+        try:
+            assert restored.ckptid == latest["ckptid"] and restored.lazy is None and restored.streamed
+            assert restored.fallbacks == []  # the same image, not an older one
+            assert any("restoring it streamed" in r.getMessage() for r in caplog.records)
+        finally:
+            os.kill(restored.pid, signal.SIGKILL)
+            os.waitpid(restored.pid, 0)
+            for fd in (restored.pipes.out_r, restored.pipes.err_r):
+                os.close(fd)
+    finally:
+        catalog.close()
