@@ -219,6 +219,8 @@ class Checkpointer:
         self._done: dict[str, CheckpointResult | FlushResult] = {}
         self._fresh: list[CheckpointResult | FlushResult] = []
         self.notify: Callable[[], None] = lambda: None  # the runner's wake-up: a result is ready
+        # Waits (until a deadline) for a lazily restored job's memory to be all in; raises if it cannot be.
+        self.resident: Callable[[float | None], None] | None = None
         self.flusher = self._new_flusher(parent)
         if self.predump.enabled and not isinstance(engine, PreDumpEngine):
             self.predump = PreDumpPlan(False, f"the {engine.name} engine has no pre-dump")
@@ -369,6 +371,8 @@ class Checkpointer:
         checkpoint's tree stays stopped (and is thawed again if this raises).
         """
         t0 = time.monotonic()
+        if self.resident is not None:  # never dump a job whose pages are still coming (hpcckpt.lazyrestore)
+            self.resident(deadline)
         user = self.job.user
         choice = choose_staging(user, self.job.identity.job_id, job_rss(pid), disk_root=self.disk_staging,
                                 tmpfs=self.tmpfs)

@@ -70,6 +70,8 @@ from hpcckpt.image.model import SectionInfo
 from hpcckpt.image.parent import chain_info
 from hpcckpt.image.resolve import CkptRef, Lookup, parent_resolver, ref_of
 from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
+from hpcckpt.lazyrestore import LazyRestore
+from hpcckpt.lazyrestore import begin as begin_lazy
 from hpcckpt.pipeline.staging import TMPFS, choose_staging
 from hpcckpt.runner import scratch
 from hpcckpt.runner.launch import StdioPipes
@@ -216,6 +218,7 @@ class Restored:
     image: Path | None = None  # the image restored from: the parent of the next checkpoint
     staging: str = ""  # where it was unpacked: "tmpfs" | "disk"
     streamed: bool = False  # memory pages streamed to CRIU rather than unpacked first
+    lazy: LazyRestore | None = None  # memory still coming on demand (hpcckpt.lazyrestore)
 
     @property
     def interval(self) -> float | None:
@@ -323,6 +326,8 @@ class Resumer:
         grown_files: str = "truncate",
         tmpfs: Path | None = TMPFS,
         stream: bool = True,
+        lazy: str = "off",
+        lazy_threshold: int = 0,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -332,6 +337,8 @@ class Resumer:
         self.options = options
         self.grown_files = grown_files
         self.stream = stream
+        self.lazy, self.lazy_threshold = lazy, lazy_threshold
+        self._lazy_started = False
         self.resolve_parent = parent_resolver(user, catalog_refs(catalog))
 
     def _populate_scratch(self, summary: ImageSummary, unpacked: Path) -> list[str]:
@@ -366,15 +373,18 @@ class Resumer:
                                 hint="see 'hpcckpt list'; checkpoints are filed under the Slurm job id or --job-id")
         return recs
 
-    def resume(self, job_id: str, ckptid: int | None = None) -> Restored:
+    def resume(self, job_id: str, ckptid: int | None = None, before: int | None = None) -> Restored:
+        """``before``: only checkpoints older than that one (a lazy restore of it failed while the job ran)."""
         fallbacks: list[str] = []
         last: HpcckptError | None = None
-        candidates = self.candidates(job_id, ckptid)
+        candidates = [r for r in self.candidates(job_id, ckptid) if before is None or r.ckptid < before]
+        if not candidates:
+            raise NotFoundError(f"job {job_id} has no committed checkpoint older than {before}")
         if ckptid is None:
             fallbacks += self._skipped(job_id, candidates[0].ckptid)
         for rec in candidates:
             try:
-                restored = self._try(rec)
+                restored = self._try_lazy_then_streamed(rec)
             except (ImageError, EngineError) as err:
                 marked = self._mark_corrupt(rec, err)
                 msg = f"checkpoint {rec.ckptid} of job {job_id} cannot be restored: {err}"
@@ -447,7 +457,19 @@ class Resumer:
         except HpcckptError as err:
             hlog.event(_log, "resume.unrecorded", f"could not record the {event}: {err}", 30)
 
-    def _try(self, rec: CkptRecord) -> Restored:
+    def _try_lazy_then_streamed(self, rec: CkptRecord) -> Restored:
+        """CRIU refusing a lazy restore (the node's userfaultfd, the daemon) is no fault of the image."""
+        self._lazy_started = False
+        try:
+            return self._try(rec)
+        except EngineError as err:
+            if not self._lazy_started:
+                raise
+            hlog.event(_log, "resume.lazy_refused", f"lazy restore of checkpoint {rec.ckptid} failed: {err}; "
+                       "restoring it streamed", 30, ckptid=rec.ckptid, excerpt=getattr(err, "log_excerpt", ""))
+            return self._try(rec, lazy_ok=False)
+
+    def _try(self, rec: CkptRecord, lazy_ok: bool = True) -> Restored:
         image = Path(rec.path)
         need, predumped = header_facts(image)
         stream = self.stream and not predumped
@@ -459,6 +481,7 @@ class Resumer:
             shutil.rmtree(dest)
         prepared: PreparedImage | None = None
         tails: Tails | None = None
+        lazy: LazyRestore | None = None
         try:
             cpu = EarlyCpuCheck(self.engine)
             if stream:
@@ -510,9 +533,13 @@ class Resumer:
                     assert tails is not None
                     tails.cut(path, size, inode)
 
+            if prepared is not None and lazy_ok:
+                lazy = begin_lazy(self.engine, prepared, mode=self.lazy, threshold=self.lazy_threshold)
+                self._lazy_started = lazy is not None
+            streamer = prepared is not None and lazy is None
             pipes = StdioPipes.create()
             try:
-                if prepared is None:
+                if not streamer:
                     last_checks()
                 stdio = summary.meta.extra.get("stdio") or {}
                 inherit = {}
@@ -524,8 +551,9 @@ class Resumer:
                 # even its inventory, until last_checks() has passed (and CRIU fails if they do not).
                 res = self.engine.restore(dest, options=self.options.for_image(summary.meta.extra),
                                           inherit_fds=inherit,
-                                          source=prepared.open if prepared is not None else None,
-                                          gate=last_checks if prepared is not None else None)
+                                          source=prepared.open if streamer and prepared is not None else None,
+                                          gate=last_checks if streamer else None,
+                                          lazy_pages=lazy is not None)
             except BaseException:
                 for fd in (pipes.out_r, pipes.err_r):
                     os.close(fd)
@@ -536,10 +564,17 @@ class Resumer:
             pipes.close_write_ends()
             if tails is not None:
                 tails.drop()
+            if lazy is not None:
+                lazy.attach(res.pid)
+        except BaseException:
+            if lazy is not None:
+                lazy.abort()
+            raise
         finally:
-            if prepared is not None:
-                prepared.close()
-            shutil.rmtree(dest, ignore_errors=True)
+            if lazy is None:  # else the lazy restore owns them until every page is resident
+                if prepared is not None:
+                    prepared.close()
+                shutil.rmtree(dest, ignore_errors=True)
         try:
             self.catalog.record_resume(rec.ckptid, resumed_by=f"hpcckpt@{node_name()}",
                                        new_job_id=os.environ.get("SLURM_JOB_ID"))
@@ -548,7 +583,7 @@ class Resumer:
         self._event(rec, "restore", str(rec.ckptid))
         hlog.event(_log, "resume.restored", f"job {rec.job_id} restored from checkpoint {rec.ckptid}",
                    ckptid=rec.ckptid, pid=res.pid, seconds=round(res.seconds, 3), staging=choice.kind,
-                   parents=summary.parents, streamed=prepared is not None)
+                   parents=summary.parents, streamed=prepared is not None, lazy=lazy is not None)
         return Restored(pid=res.pid, ckptid=rec.ckptid, record=rec, summary=summary, pipes=pipes,
                         fallbacks=[], restore_s=res.seconds, image=image, staging=choice.kind,
-                        streamed=prepared is not None)
+                        streamed=prepared is not None, lazy=lazy)

@@ -42,6 +42,8 @@ APT_PKGS=(
   slirp4netns util-linux
   # Slurm test cluster, MPI, PostgreSQL catalog
   slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev postgresql procps
+  # tests: a store whose reads fail (EIO) through a FUSE filesystem (fusepy needs libfuse2)
+  fuse libfuse2
 )
 
 missing_pkgs() {

@@ -102,6 +102,7 @@ class CheckpointEngine(Protocol):
         timeout: float | None = None,
         source: StreamSource | None = None,
         gate: Callable[[], None] | None = None,
+        lazy_pages: bool = False,
     ) -> RestoreResult: ...
 
     def cpuinfo_dump(self, images_dir: Path) -> None: ...

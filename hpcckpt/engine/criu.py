@@ -499,6 +499,7 @@ class Criu:
         timeout: float | None = None,
         source: StreamSource | None = None,
         gate: Callable[[], None] | None = None,
+        lazy_pages: bool = False,
     ) -> RestoreResult:
         """Restore the tree in ``images_dir`` as a child of this process; return its host pid.
 
@@ -512,6 +513,8 @@ class Criu:
         checks), that error is raised, whatever CRIU made of its short read.
         ``gate`` runs before CRIU is given its first image (while CRIU starts
         up); if it raises, CRIU gets nothing and that error is raised.
+        ``lazy_pages``: memory is filled on demand by a :meth:`lazy_pages`
+        daemon already listening in ``images_dir`` (:mod:`hpcckpt.lazyrestore`).
         """
         log_name, pidfile = "restore.log", "restored.pid"
         with_pid = images_dir / pidfile
@@ -524,6 +527,8 @@ class Criu:
                                        hint="restore only images in a directory of your own") from exc
         args = ["restore", "-D", str(images_dir), "-o", log_name, "--pidfile", pidfile,
                 "--restore-sibling", "--restore-detached", *self._common(options)]
+        if lazy_pages:
+            args.append("--lazy-pages")
         fds = dict(inherit_fds or {})
         for fd, resource in fds.items():
             args += ["--inherit-fd", f"fd[{fd}]:{resource}"]
@@ -568,6 +573,24 @@ class Criu:
                               log_excerpt=log_excerpt(log_path)) from exc
         hlog.event(_log, "criu.restored", f"restored pid {pid}", 10, pid=pid, seconds=round(res.seconds, 3))
         return RestoreResult(pid=pid, seconds=res.seconds, log_path=log_path)
+
+    def lazy_pages(self, images_dir: Path, *, ps_fd: int, status_fd: int) -> subprocess.Popen[bytes]:
+        """Start ``criu lazy-pages`` in ``images_dir``, asking the page server on socket ``ps_fd`` for pages.
+
+        It writes a byte to ``status_fd`` once its socket listens (then a
+        ``restore(lazy_pages=True)`` may start) and exits once every page of
+        every restored task has been copied in (or on an error, see its log).
+        Errors only in its log: it warns on every request that the socket is not TCP.
+        """
+        self._require_unprivileged_caps(os.geteuid())
+        argv = [self.path, "lazy-pages", *self._mode(), "-D", str(images_dir), "-o", "lazy-pages.log", "-v1",
+                "--page-server", "--ps-socket", str(ps_fd), "--status-fd", str(status_fd)]
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, pass_fds=(ps_fd, status_fd), start_new_session=True)
+        except OSError as exc:
+            raise EngineError(f"{self.path}: cannot start criu lazy-pages: {exc.strerror}",
+                              hint=_INSTALL_HINT) from exc
 
     @staticmethod
     def _kill_restored(pidfile: Path) -> None:

@@ -278,6 +278,12 @@ class Flusher:
         with self._cond:
             return self._parent
 
+    @parent.setter
+    def parent(self, index: ParentIndex | None) -> None:
+        """A job restored again from another image (a lazy restore that failed): chain on that one."""
+        with self._cond:
+            self._parent = index
+
     @property
     def busy(self) -> bool:
         with self._cond:

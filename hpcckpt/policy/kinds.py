@@ -134,12 +134,16 @@ class BoolKind(Kind):
 class EnumKind(Kind):
     choices: Sequence[str] = ()
     lower: bool = False  # accept any case, keep lowercase (log levels)
+    # YAML reads a bare on/off (yes/no, true/false) as a boolean: the choices those stand for, if any
+    bools: tuple[str, str] | None = None
 
     @property
     def expected(self) -> str:  # type: ignore[override]
         return "one of " + ", ".join(f"'{c}'" for c in self.choices)
 
     def parse(self, raw: Any, *, from_text: bool) -> str:
+        if isinstance(raw, bool) and self.bools is not None:
+            return self.bools[0] if raw else self.bools[1]
         if not isinstance(raw, str):
             raise Invalid(self.expected, raw)
         value = raw.lower() if self.lower else raw

@@ -85,6 +85,8 @@ class CriuPolicy:
 class RestorePolicy:
     grown_files: str
     stream: bool
+    lazy: str
+    lazy_threshold: int
 
 
 @dataclass(frozen=True)

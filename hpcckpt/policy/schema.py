@@ -147,6 +147,11 @@ _FIELDS: tuple[Field, ...] = (
           "a file the job writes grew since the checkpoint: truncate it back, keep it, or refuse"),
     Field("restore.stream", BoolKind(), True,
           "stream memory pages to CRIU as they are checked (false: unpack the whole image to staging first)"),
+    Field("restore.lazy", EnumKind(choices=("auto", "on", "off"), bools=("on", "off")), "off",
+          "run the job as soon as its non-page state is restored and bring its memory in on demand and in the "
+          "background (CRIU lazy pages); 'auto': only at restore.lazy_threshold bytes of memory or more"),
+    Field("restore.lazy_threshold", SizeKind(minimum=0), 2048 * MiB,
+          "the job memory from which restore.lazy 'auto' restores lazily"),
     Field("pipeline.async_flush", BoolKind(), True, "let the job run on while the image is flushed"),
     Field("pipeline.on_busy", EnumKind(choices=("skip", "queue")), "skip",
           "a checkpoint falls due while the last is still flushing: skip it or queue it"),

@@ -188,6 +188,9 @@ class Runner:
         self._forced_status: int | None = None
         #: The job ended by itself (exit or a signal it did not survive), not stopped by us after a checkpoint.
         self.ended_on_its_own = False
+        # The job died because we ended it (hpcckpt.runner.lazywatch): the job restored anew, as
+        # (pid, stdout read end, stderr read end), or None to report its exit as usual.
+        self.relaunch: Callable[[], tuple[int, int, int] | None] | None = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -227,6 +230,8 @@ class Runner:
             while True:
                 self._collect()
                 status = self._reap()
+                if status is not None and self._relaunched():
+                    continue
                 if status is not None:
                     return self._finish(status)
                 while self.signals.pending:
@@ -260,6 +265,18 @@ class Runner:
             return None
         self._forced_status = status
         return status
+
+    def _relaunched(self) -> bool:
+        """The job was ended by us (a lazy restore that failed): ``relaunch`` brought it back another way."""
+        if self.relaunch is None:
+            return False
+        new = self.relaunch()
+        if new is None:
+            return False
+        self._join_pumps()
+        self._forced_status = None
+        self.attach(*new)
+        return True
 
     def _finish(self, status: int) -> int:
         code = exit_status(status)

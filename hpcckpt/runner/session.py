@@ -53,7 +53,7 @@ from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
 from hpcckpt.resume import Restored, Resumer
 from hpcckpt.retention import RetentionPolicy, apply_retention
-from hpcckpt.runner import scratch
+from hpcckpt.runner import lazywatch, scratch
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.launch import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
 from hpcckpt.runner.network import HOST, JobNetwork
@@ -246,12 +246,14 @@ def _resumer(env: Environment) -> Resumer:
     options = replace(DumpOptions.from_policy(env.policy), on_netns=env.network.attach)
     return Resumer(engine=env.engine, catalog=env.catalog, user=env.user, disk_staging=disk_staging_base(env),
                    options=options, grown_files=env.policy.restore.grown_files,
-                   stream=env.policy.restore.stream)
+                   stream=env.policy.restore.stream, lazy=env.policy.restore.lazy,
+                   lazy_threshold=env.policy.restore.lazy_threshold)
 
 
-def _restored(env: Environment, job_id: str, ckptid: int | None = None, *, as_job: str | None = None) -> Restored:
+def _restored(env: Environment, job_id: str, ckptid: int | None = None, *, as_job: str | None = None,
+              before: int | None = None) -> Restored:
     started = time.time()
-    restored = _resumer(env).resume(job_id, ckptid)
+    restored = _resumer(env).resume(job_id, ckptid, before)
     env.network.after_restore(restored.pid, restored.summary.meta.extra)
     _record_restored(env, as_job or job_id, restored, started)
     return restored
@@ -366,6 +368,8 @@ def run_job(
             runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored),
                              publisher=publisher)
             runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+            lazywatch.watch(runner, restored, lambda b: _restored(env, source_job, as_job=ident.job_id, before=b),
+                            lambda r: _chain_parent(env, r), env.network.close)
         else:
             own_tmp = scratch.scratch_env(env.user, ident.job_id, job_env)
             scratch.prepare(env.user, own_tmp.values())
@@ -434,6 +438,8 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
                       scratch=_scratch_of(restored))
         runner = _runner(env, opts, ident, job, signals, parent=_chain_parent(env, restored), publisher=publisher)
         runner.attach(restored.pid, restored.pipes.out_r, restored.pipes.err_r)
+        lazywatch.watch(runner, restored, lambda b: _restored(env, job_id, before=b), lambda r: _chain_parent(env, r),
+                        env.network.close)
     except BaseException:
         signals.restore()
         env.network.close()

@@ -107,7 +107,7 @@ class FailingEngine:
 
     def restore(self, images_dir: Path, *, options: DumpOptions, inherit_fds: Mapping[int, str] | None = None,
                 timeout: float | None = None, source: StreamSource | None = None,
-                gate: Callable[[], None] | None = None) -> RestoreResult:
+                gate: Callable[[], None] | None = None, lazy_pages: bool = False) -> RestoreResult:
         raise AssertionError("not used")
 
     def cpuinfo_dump(self, images_dir: Path) -> None:
