@@ -91,7 +91,8 @@ def kill_everything(cmd: Cmd, pid: int) -> None:
         except ProcessLookupError:
             pass
     cmd.proc.wait(10)
-    wait_for(lambda: all(gone(p) for p in pids), 10, "the job to die")
+    # A dump in progress holds the tasks (ptrace) until it ends: SIGKILL lands after it, seconds later under load.
+    wait_for(lambda: all(gone(p) for p in pids), 60, "the job to die")
 
 
 def gone(pid: int) -> bool:

@@ -126,7 +126,7 @@ class FailingEngine:
 
     def restore(self, images_dir: Path, *, options: DumpOptions, inherit_fds: Mapping[int, str] | None = None,
                 timeout: float | None = None, source: Source | None = None,
-                gate: Callable[[], None] | None = None) -> RestoreResult:
+                gate: Callable[[], None] | None = None, lazy_pages: bool = False) -> RestoreResult:
         self.restores += 1
         if gate is not None:
             gate()
