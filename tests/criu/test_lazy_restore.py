@@ -110,10 +110,13 @@ def test_an_incremental_chain_restores_lazily(work: Path) -> None:
     restored = res.events("resume.restored")
     assert restored[0]["ckptid"] == done[-1]["ckptid"] and restored[0]["lazy"] is True
     resident, waited = res.events("lazy.resident"), res.events("checkpoint.waited_resident")
-    assert resident and waited, "no checkpoint waited for the lazily restored memory"
-    assert str(waited[0]["ts"]) >= str(resident[0]["ts"]), "a dump started before all pages were in"
+    assert resident, "the lazily restored memory never came in"
+    # A checkpoint that fell due while pages still came waited for them (whether one fell due depends on
+    # how fast the pages came: under load the first interval can end after they are all in).
+    assert all(str(w["ts"]) >= str(resident[0]["ts"]) for w in waited), "a dump started before all pages were in"
     after = res.events("checkpoint.committed")
-    assert after and after[0]["parent"] == done[-1]["ckptid"], "the next checkpoint did not chain on"
+    assert after and str(after[0]["ts"]) >= str(resident[0]["ts"])
+    assert after[0]["parent"] == done[-1]["ckptid"], "the next checkpoint did not chain on"
     assert out.read_text().strip() == reference(work, 256, 60)
 
 
