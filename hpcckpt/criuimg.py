@@ -46,7 +46,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -796,6 +796,22 @@ def _need(entries: _Entries, fields: Fields, num: int, offset: int, what: str) -
     return value
 
 
+def _regular_files(files: _Entries) -> Iterator[tuple[int, int, Fields, list[bytes]]]:
+    """(offset, file id, reg_file_entry fields, its names) of each regular-file entry of files.img."""
+    for off, fe in files.read(required=True):
+        if _one(fe, 1) != FD_TYPE_REG:
+            continue
+        fid = _need(files, fe, 2, off, "file id")
+        body = [v for v in fe.get(3, ()) if isinstance(v, bytes)]
+        if not body:
+            raise files.corrupt(f"regular file {fid} has no reg_file_entry", off)
+        try:
+            reg = _fields(body[-1], 0, len(body[-1]))
+        except _Corrupt as err:
+            raise files.corrupt(f"reg_file_entry: {err}", off) from None
+        yield off, fid, reg, [v for v in reg.get(6, ()) if isinstance(v, bytes)]
+
+
 def dumped_files(images_dir: Path) -> list[DumpedFile]:
     """Every regular file open in the dumped tree, one record per (task, fd), in pstree order.
 
@@ -810,18 +826,7 @@ def dumped_files(images_dir: Path) -> list[DumpedFile]:
     try:
         regs: dict[int, tuple[str, int, int, int | None]] = {}  # file id -> (name, flags, pos, size)
         files = _Entries(dfd, images_dir, "files.img", "FILES")
-        for off, fe in files.read(required=True):
-            if _one(fe, 1) != FD_TYPE_REG:
-                continue
-            fid = _need(files, fe, 2, off, "file id")
-            body = [v for v in fe.get(3, ()) if isinstance(v, bytes)]
-            if not body:
-                raise files.corrupt(f"regular file {fid} has no reg_file_entry", off)
-            try:
-                reg = _fields(body[-1], 0, len(body[-1]))
-            except _Corrupt as err:
-                raise files.corrupt(f"reg_file_entry: {err}", off) from None
-            names = [v for v in reg.get(6, ()) if isinstance(v, bytes)]
+        for off, fid, reg, names in _regular_files(files):
             if not names or len(names[-1]) > _MAX_PATH or _one(reg, 9, 0):
                 continue  # external files (ext) name no path of ours; CRIU resolves them itself
             mode = _one(reg, 10)
@@ -891,18 +896,7 @@ def recorded_paths(images_dir: Path) -> list[RecordedPath]:
             for off, e in remaps.read(required=False)
         }
         found: dict[str, RecordedPath] = {}
-        for off, fe in files.read(required=True):
-            if _one(fe, 1) != FD_TYPE_REG:
-                continue
-            fid = _need(files, fe, 2, off, "file id")
-            body = [v for v in fe.get(3, ()) if isinstance(v, bytes)]
-            if not body:
-                raise files.corrupt(f"regular file {fid} has no reg_file_entry", off)
-            try:
-                reg = _fields(body[-1], 0, len(body[-1]))
-            except _Corrupt as err:
-                raise files.corrupt(f"reg_file_entry: {err}", off) from None
-            names = [v for v in reg.get(6, ()) if isinstance(v, bytes)]
+        for _off, fid, reg, names in _regular_files(files):
             if not names or len(names[-1]) > _MAX_PATH or _one(reg, 9, 0) or fid in remapped:
                 continue
             name = names[-1].decode("utf-8", "surrogateescape")
