@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcckpt.cli.common import add_json_arg, formatter, print_json
 from hpcckpt.errors import EXIT_OK, EXIT_SLURM, UsageError
+
+if TYPE_CHECKING:
+    from hpcckpt.slurm.drain import MoveOptions
 
 HELP = """\
 Drain NODE in Slurm (no new job lands there), then move every job under
@@ -42,22 +45,33 @@ def register(sub: Any) -> None:
                        description=HELP, formatter_class=formatter())
     p.add_argument("node", metavar="NODE")
     p.add_argument("--reason", default="", metavar="TEXT", help="why (shown by 'sinfo -R')")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="seconds to wait for each final checkpoint and requeue, and again for the resume "
-                        "(default 300)")
-    p.add_argument("--no-wait", action="store_true", help="return once the jobs are requeued")
-    add_json_arg(p)
+    add_move_args(p, "jobs are")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def add_move_args(p: Any, what: str) -> None:
+    """The options drain and migrate share: how long to wait, whether to wait for the resume, --json."""
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="seconds to wait for each final checkpoint and requeue, and again for the resume "
+                        "(default 300)")
+    p.add_argument("--no-wait", action="store_true", help=f"return once the {what} requeued")
+    add_json_arg(p)
+
+
+def move_options(args: argparse.Namespace) -> MoveOptions:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    from hpcckpt.slurm.drain import MoveOptions
+
+    return MoveOptions(stop_timeout=args.timeout, resume_timeout=0 if args.no_wait else args.timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = move_options(args)
     from hpcckpt.context import current_user
-    from hpcckpt.slurm.drain import MoveOptions, drain_node
+    from hpcckpt.slurm.drain import drain_node
     from hpcckpt.slurm.hooks import default_deps
 
-    opts = MoveOptions(stop_timeout=args.timeout, resume_timeout=0 if args.no_wait else args.timeout)
     report = drain_node(default_deps(), args.node, args.reason, current_user(), opts)
     if args.json:
         print_json(report.to_dict())

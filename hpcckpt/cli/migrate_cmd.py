@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hpcckpt.cli.common import add_json_arg, formatter, print_json
-from hpcckpt.errors import EXIT_OK, EXIT_SLURM, UsageError
+from hpcckpt.cli.common import formatter, print_json
+from hpcckpt.cli.drain_cmd import add_move_args, move_options
+from hpcckpt.errors import EXIT_OK, EXIT_SLURM
 
 HELP = """\
 Move your running job JOBID off its node: it takes a final checkpoint now,
@@ -33,24 +34,18 @@ def register(sub: Any) -> None:
     p = sub.add_parser("migrate", help="move a running job to another node from a final checkpoint",
                        description=HELP, formatter_class=formatter())
     p.add_argument("job_id", metavar="JOBID")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="seconds to wait for the final checkpoint and requeue, and again for the resume "
-                        "(default 300)")
-    p.add_argument("--no-wait", action="store_true", help="return once the job is requeued")
-    add_json_arg(p)
+    add_move_args(p, "job is")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    opts = move_options(args)
     from hpcckpt.context import current_user
     from hpcckpt.slurm.adapter import check_job_id
-    from hpcckpt.slurm.drain import MoveOptions, migrate_job
+    from hpcckpt.slurm.drain import migrate_job
     from hpcckpt.slurm.hooks import default_deps
 
     check_job_id(args.job_id)
-    opts = MoveOptions(stop_timeout=args.timeout, resume_timeout=0 if args.no_wait else args.timeout)
     result = migrate_job(default_deps(), args.job_id, current_user(), opts)
     doc = result.to_dict()
     if args.json:
