@@ -16,14 +16,11 @@ internal error), never another exception, never traceback text, and quickly.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,10 +31,10 @@ from hypothesis import strategies as st
 
 from hpcckpt.cli.main import main
 from hpcckpt.policy.schema import FIELDS
+from tests.fuzz import driver
 
 # Every exit code docs/cli.md lists, but 1 (a bug).
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 85, 141}
-MEMORY_SLACK = 256 << 20
 INPUT_DEADLINE_S = 10.0  # a command reads a few small files; only a hang or a blow-up comes near this
 
 COMMANDS: tuple[tuple[str, ...], ...] = (
@@ -181,39 +178,17 @@ def make_test(max_examples: int, sandbox: Sandbox) -> Callable[[], None]:
     return fuzz
 
 
-def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run(seconds: float, batch: int = 100) -> int:
     """Fuzz for about ``seconds``; returns the number of inputs tried."""
     sandbox = Sandbox()
-    start_rss = rss_bytes()
-    deadline = time.monotonic() + seconds
-    tried = 0
     try:
-        while time.monotonic() < deadline:
-            make_test(batch, sandbox)()
-            tried += batch
-            grown = rss_bytes() - start_rss
-            assert grown < MEMORY_SLACK, f"peak memory grew by {grown >> 20} MiB"
+        return driver.run(lambda n: make_test(n, sandbox), seconds, batch)
     finally:
         sandbox.close()
-    return tried
 
 
 def main_(argv_: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=30.0, help="how long to fuzz (default 30)")
-    ap.add_argument("--batch", type=int, default=100, help="hypothesis examples per round")
-    args = ap.parse_args(argv_)
-    t0 = time.monotonic()
-    tried = run(args.seconds, args.batch)
-    sys.stdout.write(
-        f"fuzzed {tried} command lines in {time.monotonic() - t0:.0f} s, peak RSS {rss_bytes() >> 20} MiB: "
-        "no failure\n"
-    )
-    return 0
+    return driver.main(__doc__, "command lines", run, seconds=30.0, batch=100, argv=argv_)
 
 
 if __name__ == "__main__":

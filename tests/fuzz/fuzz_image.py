@@ -14,13 +14,10 @@ must leave its target empty whenever it fails and write only below it.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import resource
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,11 +31,9 @@ from hpcckpt.errors import HpcckptError
 from hpcckpt.image import ImageMeta, OpenFile, TaskInfo, pack_dir, unpack_image, verify_image, write_error_image
 from hpcckpt.image import format as F
 from hpcckpt.image.records import RecordWriter
+from tests.fuzz import driver
 
 Rec = tuple[int, int, bytes]
-# Memory the reader may use beyond what the harness had at start: a few
-# MAX_PAYLOAD buffers and decoded chunks, never anything sized by the input.
-MEMORY_SLACK = 256 << 20
 # Per input; the images are at most a few hundred KiB, so anything slower is a hang.
 INPUT_DEADLINE_S = 2.0
 
@@ -218,34 +213,13 @@ def make_test(max_examples: int) -> Callable[[], None]:
     return fuzz
 
 
-def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run(seconds: float, batch: int = 300) -> int:
     """Fuzz for about ``seconds``; returns the number of inputs tried."""
-    start_rss = rss_bytes()
-    deadline = time.monotonic() + seconds
-    tried = 0
-    while time.monotonic() < deadline:
-        make_test(batch)()
-        tried += batch
-        grown = rss_bytes() - start_rss
-        assert grown < MEMORY_SLACK, f"peak memory grew by {grown >> 20} MiB"
-    return tried
+    return driver.run(make_test, seconds, batch)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
-    ap.add_argument("--batch", type=int, default=300, help="hypothesis examples per round")
-    args = ap.parse_args(argv)
-    t0 = time.monotonic()
-    tried = run(args.seconds, args.batch)
-    sys.stdout.write(
-        f"fuzzed {tried} inputs in {time.monotonic() - t0:.0f} s, peak RSS {rss_bytes() >> 20} MiB: no failure\n"
-    )
-    return 0
+    return driver.main(__doc__, "inputs", run, seconds=60.0, batch=300, argv=argv)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ raise PolicyError, in bounded time and memory; any other exception is a bug.
 
 from __future__ import annotations
 
-import argparse
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,8 +25,8 @@ from hypothesis import strategies as st
 from hpcckpt.errors import PolicyError
 from hpcckpt.policy import build_policy
 from hpcckpt.policy.schema import FIELDS
+from tests.fuzz import driver
 
-MEMORY_SLACK = 256 << 20
 INPUT_DEADLINE_S = 2.0
 
 _keys = st.sampled_from(sorted(FIELDS))
@@ -124,34 +121,13 @@ def make_test(max_examples: int) -> Callable[[], None]:
     return fuzz
 
 
-def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run(seconds: float, batch: int = 200) -> int:
     """Fuzz for about ``seconds``; returns the number of inputs tried."""
-    start_rss = rss_bytes()
-    deadline = time.monotonic() + seconds
-    tried = 0
-    while time.monotonic() < deadline:
-        make_test(batch)()
-        tried += batch
-        grown = rss_bytes() - start_rss
-        assert grown < MEMORY_SLACK, f"peak memory grew by {grown >> 20} MiB"
-    return tried
+    return driver.run(make_test, seconds, batch)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=30.0, help="how long to fuzz (default 30)")
-    ap.add_argument("--batch", type=int, default=200, help="hypothesis examples per round")
-    args = ap.parse_args(argv)
-    t0 = time.monotonic()
-    tried = run(args.seconds, args.batch)
-    sys.stdout.write(
-        f"fuzzed {tried} policies in {time.monotonic() - t0:.0f} s, peak RSS {rss_bytes() >> 20} MiB: no failure\n"
-    )
-    return 0
+    return driver.main(__doc__, "policies", run, seconds=30.0, batch=200, argv=argv)
 
 
 if __name__ == "__main__":
