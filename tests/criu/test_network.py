@@ -131,6 +131,8 @@ def test_failed_restore_names_criu_cause_not_a_pipe_error(work: Path) -> None:
     wait_for(lambda: committed(run) >= 1, 60, "a checkpoint")
     kill_everything(run, pid)
     squatter = socket.socket()
+    # The killed pair's connection may linger in TIME_WAIT on this port; a listener still clashes with CRIU's.
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", port))
     squatter.listen()
     try:

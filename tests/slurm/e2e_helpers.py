@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -105,22 +106,39 @@ class Runs:
     events: list[dict[str, object]] = field(default_factory=list)  # every JSON log line, in order
 
 
+# One of the runner's log lines. The job's own output and the runner's log share the Slurm output
+# file, and a job may write a line in parts (``python -u`` writes ``print``'s text and its newline
+# with two calls), so a log line can land in the middle of one of the job's lines.
+_LOG_LINE = re.compile(r'(\{"ts":[^\n]*\n)')
+
+
 def parse_output(*paths: Path) -> Runs:
+    """Split the output file at each ``resume.restored`` event; a job line belongs to the run that began it."""
     runs = Runs(segments=[[]])
     for path in paths:
-        for line in path.read_text(errors="replace").splitlines():
-            line = line.strip()
-            if line.startswith("step "):
-                runs.segments[-1].append(int(line.split()[1]))
-            elif line.startswith("{"):
+        pending, owner = "", 0  # the job's line being assembled, and the segment it began in
+        for piece in _LOG_LINE.split(path.read_text(errors="replace")):
+            if piece.startswith('{"ts":'):
                 try:
-                    doc = json.loads(line)
+                    doc = json.loads(piece)
                 except ValueError:
                     continue
                 runs.events.append(doc)
                 if doc.get("event") == "resume.restored":
                     runs.segments.append([])
                     runs.restored_from.append(int(str(doc["ckptid"])))
+                    if not pending:
+                        owner = len(runs.segments) - 1
+                continue
+            *lines, rest = (pending + piece).split("\n")
+            for line in lines:
+                line = line.strip()
+                if line.startswith("step "):
+                    runs.segments[owner].append(int(line.split()[1]))
+                owner = len(runs.segments) - 1
+            pending = rest
+        if pending.strip().startswith("step "):
+            runs.segments[owner].append(int(pending.split()[1]))
     return runs
 
 
