@@ -115,7 +115,7 @@ class FilesJob:
 
     def _open(self) -> tuple[Any, Any]:
         from hpcckpt.catalog import open_catalog
-        from hpcckpt.store import Store
+        from hpcckpt.store.images import Store
 
         return (Store(self.ctx.store_root, self.user),
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))

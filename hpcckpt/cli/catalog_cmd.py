@@ -6,14 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from hpcckpt import pg_security
-from hpcckpt.catalog import is_postgres_url
-from hpcckpt.catalog.access import has_catalog, load_setup, opened, target_users
-from hpcckpt.catalog.check import check_consistency
-from hpcckpt.catalog.rebuild import rebuild_catalog
+from hpcckpt.catalog import is_postgres_url, pg_security, pg_setup
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_CATALOG, EXIT_OK, UsageError
+from hpcckpt.store.access import has_catalog, load_setup, opened, target_users
+from hpcckpt.store.check import check_consistency
+from hpcckpt.store.rebuild import rebuild_catalog
 
 HELP = """\
 Compare the catalog with the images in the store, or rebuild it from them.
@@ -102,7 +101,7 @@ def run_pg_setup(args: argparse.Namespace) -> int:
         raise UsageError(f"pg-setup is for PostgreSQL catalogs; {url!r} is not a postgresql:// URL",
                          hint="SQLite catalogs are per-user files and need no setup")
     accounts, skipped = pg_security.local_accounts(args.add_user, all_users=args.all_users, min_uid=args.min_uid)
-    report = pg_security.setup_catalog(url, current_user(), add=accounts, remove=args.remove_user,
+    report = pg_setup.setup_catalog(url, current_user(), add=accounts, remove=args.remove_user,
                                        extra_admins=args.admin)
     if args.json:
         print_json(dict(report.to_dict(), skipped=skipped))

@@ -38,12 +38,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.catalog.access import load_setup
     from hpcckpt.context import current_user
     from hpcckpt.errors import NotFoundError, UsageError
-    from hpcckpt.fsutil import atomic_write_bytes
+    from hpcckpt.fs.safe import atomic_write_bytes
     from hpcckpt.observe import report
     from hpcckpt.observe.visible import visible_jobs
+    from hpcckpt.store.access import load_setup
 
     out = Path(args.output) if args.output else None
     if out is not None and out.suffix.lower() not in (".png", ".html", ".htm"):

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                                 interval=args.interval, job_id=args.job_id, store=args.store, catalog=args.catalog)
     if args.app_files or args.app_signal:
         raise UsageError("--app-files and --app-signal need --engine app")
-    from hpcckpt.runner.session import SessionOptions, run_job
+    from hpcckpt.core.runner.session import SessionOptions, run_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline, signals=args.signals)

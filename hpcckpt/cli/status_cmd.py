@@ -46,10 +46,10 @@ def _ago(seconds: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.catalog.access import load_setup
     from hpcckpt.context import current_user
-    from hpcckpt.observe.status import job_statuses
+    from hpcckpt.core.status import job_statuses
     from hpcckpt.observe.visible import visible_jobs
+    from hpcckpt.store.access import load_setup
 
     setup = load_setup(args.store, args.catalog, args.policy)
     now = time.time()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hpcckpt.catalog.access import Setup, has_catalog, opened, shared_catalog, target_users
 from hpcckpt.context import User
 from hpcckpt.observe.jobstats import JobStats, load_jobs
+from hpcckpt.store.access import Setup, has_catalog, opened, shared_catalog, target_users
 
 
 def visible_jobs(setup: Setup, acting: User, *, user_name: str | None = None, job_id: str | None = None,

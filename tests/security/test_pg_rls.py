@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import pg_security
+from hpcckpt.catalog import pg_security, pg_setup
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError
 from tests.security import pgpeer
@@ -49,9 +49,9 @@ def _setup_catalog(srv: pgpeer.PeerServer, users: dict[str, UnixUser]) -> None:
     finally:
         cat.close()
     accounts = [(name, users[name].uid) for name in ("alice", "bob")]
-    pg_security.setup_catalog(srv.url(), ROOT, add=accounts)
+    pg_setup.setup_catalog(srv.url(), ROOT, add=accounts)
     # Idempotent: a second run (an admin re-running pg-setup) changes nothing and does not fail.
-    report = pg_security.setup_catalog(srv.url(), ROOT, add=accounts)
+    report = pg_setup.setup_catalog(srv.url(), ROOT, add=accounts)
     assert report.users == sorted(accounts) and report.role == pg_security.ADMIN_ROLE
 
 
@@ -186,7 +186,7 @@ def test_unsafe_role_names_are_refused(name: str) -> None:
 
 _TAKE_LEASE = (
     "import sys; from hpcckpt.catalog.postgres import PostgresCatalog; from hpcckpt.context import current_user; "
-    "from hpcckpt.lease import acquire; from hpcckpt.errors import JobRunningError\n"
+    "from hpcckpt.core.lease import acquire; from hpcckpt.errors import JobRunningError\n"
     "c = PostgresCatalog(sys.argv[1], current_user())\n"
     "try:\n"
     "    acquire(c, sys.argv[2], options={'interval': sys.argv[3]})\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import security
 from hpcckpt.context import User, user_by_name
+from hpcckpt.core import security
 from hpcckpt.errors import PermissionDeniedError, UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.users import UnixUser, popen_credentials
