@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import (
+from hpcckpt.exitcodes import (
     EXIT_BROKEN_PIPE,
     EXIT_CATALOG,
     EXIT_ENGINE,

@@ -41,7 +41,8 @@ from hpcckpt.app import shards
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.signals import PreemptFlag, signal_number
 from hpcckpt.context import User, current_user
-from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, UsageError
+from hpcckpt.errors import HpcckptError, UsageError
+from hpcckpt.exitcodes import EXIT_REQUEUE
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
 
 _log = hlog.get("app.files")

@@ -86,7 +86,7 @@ def run_drain_watch(args: argparse.Namespace) -> int:
     from hpcckpt.cluster.drain import MoveOptions, watch_once
     from hpcckpt.cluster.hooks import default_deps
     from hpcckpt.context import current_user
-    from hpcckpt.errors import EXIT_SLURM
+    from hpcckpt.exitcodes import EXIT_SLURM
 
     reports = watch_once(default_deps(), current_user(), args.nodes,
                          MoveOptions(stop_timeout=args.timeout, resume_timeout=0))

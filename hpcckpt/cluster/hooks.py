@@ -34,24 +34,27 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt import log as hlog
+from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User, user_by_uid
 from hpcckpt.core.pipeline.flush import FlushSettings
 from hpcckpt.core.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
-from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError
+from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError
 from hpcckpt.fs import safe as fsutil
 from hpcckpt.fs.layout import StoreLayout
 from hpcckpt.fs.tree import remove_tree_at
+from hpcckpt.image.errors import ImageError
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import (
     Action,
     JobOutcome,
-    Kind,
     RestartDecision,
+    RestartKind,
     RestartRules,
     decide,
     pending_move,
 )
+from hpcckpt.store.site import Site
 
 _log = hlog.get("slurm.hooks")
 JOB_INFO_FILE = "slurm-job.json"
@@ -70,7 +73,7 @@ class HookDeps:
     catalog_url: str | None = None
     drain_on_failed_check: bool = False
     rules: RestartRules = field(default_factory=RestartRules)
-    open_catalog: Callable[[str | None, Path, User], Any] | None = None
+    open_catalog: Callable[[str | None, Path, User], Catalog] | None = None
     node_problems: Callable[[], list[str]] = list
     user_lookup: Callable[[int], User] = user_by_uid
     clock: Callable[[], float] = time.time
@@ -87,23 +90,21 @@ class HookDeps:
     tmpfs: Path | None = None
 
 
-def default_deps() -> HookDeps:
-    """The real collaborators, configured by the site policy and the hook env file."""
-    from hpcckpt.catalog import open_catalog
+def default_deps(site: Site | None = None) -> HookDeps:
+    """The real collaborators, configured by the site (the site policy and the hook env file)."""
     from hpcckpt.cluster.nodecheck import node_problems
-    from hpcckpt.context import resolve_catalog_url
-    from hpcckpt.policy import build_policy, site_policy_path
 
     # Hooks act for the site: only the site policy counts, never a user's file,
     # not even one named by $HPCCKPT_POLICY in the hook's environment.
-    pol = build_policy(None, site_policy_path(), {})
-    store = os.environ.get("HPCCKPT_STORE") or pol.storage.root
-    staging = os.environ.get("HPCCKPT_STAGING") or pol.storage.staging
+    site = site or Site.for_hooks()
+    pol = site.policy
+    # No store named anywhere: the hooks have nothing to act on (never root's own default store).
+    configured = bool(os.environ.get("HPCCKPT_STORE") or pol.storage.root)
     return HookDeps(
         slurm=ScontrolAdapter(),
-        store_root=Path(store) if store else None,
-        staging_root=Path(staging) if staging else None,
-        catalog_url=resolve_catalog_url(None, pol.storage.catalog),
+        store_root=site.store_root if configured else None,
+        staging_root=site.staging().disk,
+        catalog_url=site.catalog_url,
         drain_on_failed_check=bool(pol.slurm.drain_on_failed_check),
         rules=RestartRules(
             max_restarts=int(pol.failure.max_restarts),
@@ -279,7 +280,7 @@ def _check_node(env: SlurmEnv, deps: HookDeps) -> None:
 
 
 @dataclass
-class SalvageReport:
+class EpilogSalvageReport:
     committed: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -296,7 +297,7 @@ def epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
     user = _job_user(env, deps)
     if user is None or deps.store_root is None:
         return HOOK_OK
-    report = SalvageReport()
+    report = EpilogSalvageReport()
     try:
         with _catalog(deps, user) as cat:
             report = salvage(env, deps, user, cat)
@@ -397,7 +398,7 @@ def _verified_ckptid(dir_fd: int, name: str) -> int | None:
             return None
 
 
-def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageReport:
+def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> EpilogSalvageReport:
     """Commit every fully written image of a publish the job's end interrupted; abort the rest.
 
     An image is only committed when all its bytes verify and its header names
@@ -405,7 +406,7 @@ def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageRepor
     have done had it lived another moment (SCR issues 531 and 210).
     """
     assert deps.store_root is not None
-    report = SalvageReport()
+    report = EpilogSalvageReport()
     rows = _writing_rows(cat, env, user.uid)
     path = job_dir(deps.store_root, user, env.job_id)
     try:
@@ -519,7 +520,7 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
             has_ckpt = any(r.status.value == "committed" for r in known)
             events = cat.job_events(env.job_id, uid=user.uid)
             prior = sum(1 for e in events if e.get("event") == "restart"
-                        and str(e.get("detail", "")).startswith(Kind.FAILURE.value))
+                        and str(e.get("detail", "")).startswith(RestartKind.FAILURE.value))
             outcome = JobOutcome(
                 state=state, exit_code=env.exit_code, exit_signal=env.exit_signal,
                 requeue_allowed=job.get("Requeue", "1") == "1", has_checkpoint=has_ckpt,
@@ -535,7 +536,7 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
             if decision.restarts:
                 cat.record_job_event(env.job_id, uid=user.uid, event="restart",
                                      detail=f"{decision.kind.value}: {decision.reason}", node=",".join(nodes))
-            elif decision.action is Action.STOP or decision.kind is not Kind.FINAL:
+            elif decision.action is Action.STOP or decision.kind is not RestartKind.FINAL:
                 cat.record_job_event(env.job_id, uid=user.uid, event="no-restart", detail=decision.reason,
                                      node=",".join(nodes))
     except (HpcckptError, OSError) as exc:

@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.core.launch import network
 from hpcckpt.errors import HpcckptError
 from hpcckpt.fs.layout import StoreLayout
 from hpcckpt.fs.safe import STORE_HINT
+from hpcckpt.store.site import Site
 
 
 @dataclass
@@ -136,8 +138,6 @@ def check_store(inputs: DoctorInputs) -> Check:
 
 
 def check_catalog(inputs: DoctorInputs) -> Check:
-    from hpcckpt.catalog import open_catalog
-
     try:
         cat = open_catalog(inputs.catalog_url, inputs.store_root, inputs.user)
         try:
@@ -228,7 +228,5 @@ def all_required_ok(checks: list[Check]) -> bool:
     return all(c.ok for c in checks if c.required)
 
 
-def default_inputs(store: str | None, catalog: str | None, policy_root: str | None = None) -> DoctorInputs:
-    from hpcckpt.context import resolve_catalog_url, resolve_store_root
-
-    return DoctorInputs(resolve_store_root(store, policy_root), resolve_catalog_url(catalog), current_user())
+def default_inputs(site: Site) -> DoctorInputs:
+    return DoctorInputs(site.store_root, site.catalog_url, current_user())

@@ -61,17 +61,9 @@ from hpcckpt.core.tails import Tails
 from hpcckpt.criu.engine import restore_needs_user_namespace
 from hpcckpt.criu.images import RecordedPath, recorded_paths
 from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
-from hpcckpt.errors import (
-    CorruptImageError,
-    EngineError,
-    HpcckptError,
-    ImageError,
-    IncompatibleError,
-    NotFoundError,
-    UnsafeImageError,
-    UsageError,
-)
+from hpcckpt.errors import EngineError, HpcckptError, IncompatibleError, NotFoundError, UsageError
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
+from hpcckpt.image.errors import CorruptImageError, ImageError, UnsafeImageError
 from hpcckpt.image.model import SectionInfo
 from hpcckpt.image.parent import chain_info
 from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image

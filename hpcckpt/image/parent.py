@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image.fetch import ChunkBuffer, read_chunk
 from hpcckpt.image.files import open_image_fd
 from hpcckpt.image.header import parse_header

@@ -21,9 +21,9 @@ from typing import BinaryIO, Protocol, cast, runtime_checkable
 import xxhash
 
 from hpcckpt import progress
-from hpcckpt.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.files import open_image_fd
 from hpcckpt.image.header import json_payload, parse_header

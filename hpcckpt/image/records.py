@@ -15,8 +15,9 @@ from typing import BinaryIO, Protocol
 
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, StoreError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.errors import StoreError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 
 Buffer = bytes | bytearray | memoryview
 

@@ -12,8 +12,9 @@ import pytest
 from hpcckpt.core.resume import plan_paths
 from hpcckpt.core.tails import Tails
 from hpcckpt.criu.images import RecordedPath
-from hpcckpt.errors import CorruptImageError, IncompatibleError, StoreError
+from hpcckpt.errors import IncompatibleError, StoreError
 from hpcckpt.image import OpenFile
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image.model import ImageMeta
 from hpcckpt.store.binding import check_bound, row_mismatches
 from hpcckpt.store.resolve import CkptRef

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image, verify_image
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import GIVE_UP_AFTER, Adaptive
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image.parent import index_image
 from hpcckpt.image.refs import ParentIndex
 from tests.pipeline.conftest import memory

@@ -13,7 +13,7 @@ import pytest
 from hpcckpt.context import User, user_by_name
 from hpcckpt.core import security
 from hpcckpt.criu import images as criuimg
-from hpcckpt.errors import UnsafeImageError
+from hpcckpt.image.errors import UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.conftest import CRIU
 from tests.security.users import UnixUser, popen_credentials

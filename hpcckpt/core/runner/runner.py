@@ -42,11 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.core.checkpoint import Checkpointer, CheckpointResult, signal_tree
+from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer, signal_tree
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.core.runner.control import ControlServer, reply
 from hpcckpt.criu import procinfo
-from hpcckpt.errors import EXIT_REQUEUE, EXIT_STORE, HpcckptError
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_STORE
 
 _log = hlog.get("runner")
 
@@ -172,7 +173,7 @@ class RunnerConfig:
 
 
 class Runner:
-    def __init__(self, cfg: RunnerConfig, checkpointer: Checkpointer, control: ControlServer | None,
+    def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer, control: ControlServer | None,
                  signals: SignalQueue | None = None) -> None:
         self.cfg = cfg
         self.ckpt = checkpointer
