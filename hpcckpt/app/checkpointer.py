@@ -31,6 +31,7 @@ from hpcckpt import log as hlog
 from hpcckpt.app import shards, twophase
 from hpcckpt.app.coord import Coordinator, MPICoordinator, coordinator_for
 from hpcckpt.app.jobenv import JobContext, job_context
+from hpcckpt.app.requests import CHECKPOINT, STOP, RequestReader
 from hpcckpt.app.signals import PreemptFlag
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import MPIError, UsageError
@@ -112,6 +113,8 @@ class Checkpointer:
             names = list(signals) if signals is not None else list(policy.preemption.signals)
             self._flag.install(names)
         self._requested = False
+        # Under 'hpcckpt run --engine app' the runner's requests (hpcckpt.app.requests); rank 0 reads them.
+        self._runner_requests = RequestReader.from_env() if self._coord.rank == 0 else None
         self._last = time.monotonic()
         self._costs: list[float] = []
         self._interval_inputs: dict[str, Any] = {}
@@ -169,6 +172,13 @@ class Checkpointer:
             bits |= _DUE_SIGNAL
         if self._requested:
             bits |= _DUE_REQUEST
+        if self._runner_requests is not None:
+            words = self._runner_requests.poll()
+            if STOP in words:
+                bits |= _DUE_SIGNAL
+            if CHECKPOINT in words:
+                self._requested = True
+                bits |= _DUE_REQUEST
         if self.rank == 0 and time.monotonic() - self._last >= self.interval:
             bits |= _DUE_INTERVAL
         agreed = self._coord.allreduce_bits(bits)
