@@ -37,7 +37,7 @@ MPIRUN = shutil.which("mpirun")
 mpi = pytest.mark.skipif(MPIRUN is None, reason="OpenMPI's mpirun is not installed")
 pytestmark = pytest.mark.slow
 
-STEPS, CELLS, SLEEP = "300", "2000", "0.02"
+STEPS, CELLS, SLEEP = "500", "2000", "0.02"  # >= 10 s: killed well before its end
 
 # A restart-files program: a deterministic chain of integer steps; writes
 # restart.dat when sent USR1, and result.txt only when it is done.
@@ -217,28 +217,41 @@ def test_restart_files_program_killed_after_two_checkpoints_resumes_identical(tm
     (tmp_path / "ref").mkdir()
     for d in (tmp_path, tmp_path / "ref"):
         (d / "prog.py").write_text(FILES_PROG)
-    until = "900"
-    ref = subprocess.run([sys.executable, "prog.py", until], cwd=tmp_path / "ref", capture_output=True, text=True,
-                         timeout=60)
-    assert ref.returncode == 0, ref.stderr
+    until = "1500"  # >= 15 s: killed well before its end
+    # The uninterrupted run, beside the interrupted one.
+    ref = subprocess.Popen([sys.executable, "prog.py", until], cwd=tmp_path / "ref", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _files_run_kill_resume(tmp_path, until)
+        _out, err = ref.communicate(timeout=60)
+        assert ref.returncode == 0, err
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    assert (tmp_path / "result.txt").read_bytes() == (tmp_path / "ref" / "result.txt").read_bytes()
+
+
+def _files_run_kill_resume(work: Path, until: str) -> None:
     job = f"files-{uuid.uuid4().hex[:8]}"
-    store = tmp_path / "store"
-    proc = start(tmp_path, job, "--interval", "1", "--app-files", "restart.dat", "--app-signal", "USR1",
+    store = work / "store"
+    proc = start(work, job, "--interval", "1", "--app-files", "restart.dat", "--app-signal", "USR1",
                  "--", sys.executable, "prog.py", until)
     try:
         wait_for(lambda: len(committed(store, job)) >= 2, 40, "two captured restart files", proc)
-        asked = wait_for(lambda: _checkpoint_now(tmp_path, job), 30, "an answered checkpoint request", proc)
+        asked = wait_for(lambda: _checkpoint_now(work, job), 30, "an answered checkpoint request", proc)
         assert asked["ckptid"] in {r.ckptid for r in committed(store, job)}
     finally:
         stop(proc)
-    assert not (tmp_path / "result.txt").exists(), "the program finished before it was killed"
+    assert not (work / "result.txt").exists(), "the program finished before it was killed"
     assert {r.engine for r in committed(store, job)} == {"files"}
-    (tmp_path / "restart.dat").unlink()  # only the store survives: the files come back from it
+    (work / "restart.dat").unlink()  # only the store survives: the files come back from it
 
-    done = resume(tmp_path, job)
+    done = resume(work, job)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "restarted from " in done.stdout, done.stdout
-    assert (tmp_path / "result.txt").read_bytes() == (tmp_path / "ref" / "result.txt").read_bytes()
+    assert "relaunched from its recorded command" in done.stderr
+    restarted = int(done.stdout.split("restarted from ")[1].split()[0]) if "restarted from " in done.stdout else 0
+    assert 0 < restarted < int(until), done.stdout
 
 
 def test_resume_never_hands_a_program_written_image_to_criu(tmp_path: Path) -> None:
