@@ -30,6 +30,7 @@ from hpcckpt.app import launched
 from hpcckpt.app.requests import CHECKPOINT, ENV, STOP, RequestWriter
 from hpcckpt.checkpoint import CheckpointResult
 from hpcckpt.errors import DeadlineExceededError, HpcckptError
+from hpcckpt.runner.control import socket_path
 from hpcckpt.runner.engines import EngineSetup, Launched, Taken
 
 _log = hlog.get("app.api")
@@ -51,7 +52,9 @@ class ApiEngine(launched.AppEngineBase):
         self.last = rows[0].ckptid if rows else None
 
     def launch(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Launched:
-        self._requests = RequestWriter(self.setup.job_id)
+        # Beside the job's control socket (a private directory the ControlServer made), else in $TMPDIR.
+        fixed = socket_path(self.setup.job_id, self.setup.user.uid).with_suffix(".requests")
+        self._requests = RequestWriter(self.setup.job_id, path=fixed if fixed.parent.is_dir() else None)
         child_env = dict(env)
         child_env[ENV] = str(self._requests.path)
         got = launched.spawn(argv, child_env, cwd)

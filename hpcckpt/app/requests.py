@@ -26,9 +26,22 @@ STOP = "stop"
 
 
 class RequestWriter:
-    """The runner's end: a fresh file per launch, removed by :meth:`close`."""
+    """The runner's end: an empty file per launch, removed by :meth:`close`.
 
-    def __init__(self, job_id: str, directory: str | None = None) -> None:
+    ``path``: where (the runner's private control directory, one file per
+    job, so that a runner killed outright leaves one stale file, not one per
+    run); else a fresh file in ``directory`` or ``$TMPDIR``.
+    """
+
+    def __init__(self, job_id: str, directory: str | None = None, path: Path | None = None) -> None:
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # one left by an earlier run keeps its mode otherwise
+            finally:
+                os.close(fd)
+            self.path = path
+            return
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
         fd, name = tempfile.mkstemp(prefix=f"hpcckpt-{safe}-", suffix=".requests", dir=directory)
         os.close(fd)  # mkstemp makes it 0600: only the job's user may ask

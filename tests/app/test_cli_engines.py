@@ -30,6 +30,7 @@ import pytest
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_REQUEUE, EXIT_USAGE
+from hpcckpt.runner.control import socket_path
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "mpi_integrate.py"
@@ -125,9 +126,11 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
+def stop(proc: subprocess.Popen[str], job: str) -> None:
     if proc.poll() is None:
         kill_tree(proc)
+    # A runner killed outright leaves its request file (hpcckpt.app.requests) beside its control socket.
+    socket_path(job).with_suffix(".requests").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def test_api_program_killed_after_two_checkpoints_resumes_bit_identical(tmp_path
     try:
         wait_for(lambda: len(committed(store, job)) >= 2, 50, "two committed checkpoints", proc)
     finally:
-        stop(proc)
+        stop(proc, job)
     assert not (tmp_path / "result.json").exists(), "the program finished before it was killed"
     rows = committed(store, job)
     assert {r.engine for r in rows} == {"app"} and len(rows) >= 2
@@ -189,7 +192,7 @@ def test_sigterm_saves_and_stops_with_85_and_checkpoint_request_reaches_program(
         proc.send_signal(signal.SIGTERM)  # as Slurm does at preemption
         out, err = proc.communicate(timeout=50)
     finally:
-        stop(proc)
+        stop(proc, job)
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
     assert "preempted: stopping at step" in out, out[-2000:]
     rows = committed(store, job)
@@ -242,7 +245,7 @@ def _files_run_kill_resume(work: Path, until: str) -> None:
         asked = wait_for(lambda: _checkpoint_now(work, job), 30, "an answered checkpoint request", proc)
         assert asked["ckptid"] in {r.ckptid for r in committed(store, job)}
     finally:
-        stop(proc)
+        stop(proc, job)
     assert not (work / "result.txt").exists(), "the program finished before it was killed"
     assert {r.engine for r in committed(store, job)} == {"files"}
     (work / "restart.dat").unlink()  # only the store survives: the files come back from it

@@ -61,3 +61,14 @@ def test_engine_record_chooses_files_or_api_and_refuses_nonsense() -> None:
         engine_record(["./code"], "/w", {}, app_files=["r"], app_signal="NOPE")
     with pytest.raises(UsageError, match="unknown engine"):
         engine_factory({"engine": "criu2"})
+
+
+def test_request_file_at_a_fixed_path_starts_empty(tmp_path: Path) -> None:
+    fixed = tmp_path / "job.requests"
+    fixed.write_text("stop\n")  # left by a runner that was killed outright
+    w = RequestWriter("job", path=fixed)
+    assert w.path == fixed and fixed.read_text() == "" and (fixed.stat().st_mode & 0o777) == 0o600
+    w.send(CHECKPOINT)
+    assert RequestReader(str(fixed)).poll() == {CHECKPOINT}
+    w.close()
+    assert not fixed.exists()
