@@ -273,7 +273,8 @@ class FilesEngine(launched.AppEngineBase):
         if res is None:
             return None
         self._results.append(res)
-        return Taken(key)
+        # The cost an 'auto' interval weighs: from the signal to the capture (the runner waited that long).
+        return Taken(key, res.total_s)
 
     def request(self, pid: int) -> Taken | None:
         key = self._key()
