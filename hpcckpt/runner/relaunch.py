@@ -34,13 +34,20 @@ from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.errors import UsageError
-from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.jobid import JobIdentity, resolve, validate_job_id
 from hpcckpt.lease import DEFAULT_TTL_S, LeaseState, acquire
 from hpcckpt.runner.control import ControlServer
 from hpcckpt.runner.engines import EngineFactory, EngineSetup
 from hpcckpt.runner.launch import set_child_subreaper
 from hpcckpt.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
-from hpcckpt.runner.session import SessionOptions, _load_policy, _refuse_finished, deadline_seconds, interval_chooser
+from hpcckpt.runner.session import (
+    RESUME_FROM_ENV,
+    SessionOptions,
+    _load_policy,
+    _refuse_finished,
+    deadline_seconds,
+    interval_chooser,
+)
 
 _log = hlog.get("session")
 
@@ -174,6 +181,14 @@ def run_launched(argv: Sequence[str], opts: SessionOptions, factory: EngineFacto
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run --engine app [OPTIONS] -- COMMAND [ARGS...]")
     ident: JobIdentity = resolve(job_id)
+    resume_from = os.environ.get(RESUME_FROM_ENV) or None
+    if resume_from and not job_id and resume_from != ident.job_id:
+        # A resubmitted job ('hpcckpt resume --submit'): the program finds its images by job id (its
+        # Checkpointer, or the files engine), so it goes on under the job it continues.
+        hlog.event(_log, "runner.continues", f"this run continues job {resume_from} ({RESUME_FROM_ENV}); its "
+                   f"checkpoints are filed under {resume_from}", job_id=resume_from, slurm_job=ident.job_id)
+        ident = JobIdentity(validate_job_id(resume_from), "cli", ident.restart_count, ident.array_job_id,
+                            ident.array_task_id, ident.step)
     site = _site(opts, ident.job_id)
     if ident.source == "generated":
         sys.stderr.write(f"hpcckpt: job id {ident.job_id} (resume it with: hpcckpt resume {ident.job_id})\n")

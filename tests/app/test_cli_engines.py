@@ -266,3 +266,29 @@ def test_resume_never_hands_a_program_written_image_to_criu(tmp_path: Path) -> N
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "written by the program itself (app engine), not by CRIU" in done.stderr
     assert "magic" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resubmitted_api_job_goes_on_under_the_job_it_continues(tmp_path: Path) -> None:
+    """``hpcckpt resume --submit`` sets HPCCKPT_RESUME_FROM: the program must find that job's images."""
+    (tmp_path / "p.py").write_text(textwrap.dedent(
+        """
+        from hpcckpt import Checkpointer
+        with Checkpointer() as ck:
+            got = ck.restore()
+            if got is None:
+                ck.save({"v": 41})
+                print("fresh", ck.job_id, flush=True)
+            else:
+                print("restored", got["v"], ck.job_id, flush=True)
+        """
+    ))
+    job = f"sub-{uuid.uuid4().hex[:8]}"
+    argv = ["run", "--engine", "app", "--store", str(tmp_path / "store")]
+    first = subprocess.run(hpcckpt(*argv, "--job-id", job, "--", sys.executable, "p.py"), cwd=tmp_path,
+                           env=base_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and f"fresh {job}" in first.stdout, first.stderr[-2000:]
+    env = {**base_env(tmp_path), "HPCCKPT_RESUME_FROM": job}
+    again = subprocess.run(hpcckpt(*argv, "--", sys.executable, "p.py"), cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"restored 41 {job}" in again.stdout, again.stdout + again.stderr[-2000:]
