@@ -26,6 +26,11 @@ job is started or restored, so none is lost in between):
 
 Exit status: the job's own; 128+N if it was killed by signal N; 85 after a
 checkpoint-and-stop.
+
+The same loop drives every engine (:mod:`hpcckpt.runner.engines`): CRIU's
+pipeline above, or an app engine (``files``, ``api``) whose program
+checkpoints itself; an engine that learns of commits by looking (the
+catalog, the restart files) sets ``poll_s`` and the loop wakes that often.
 """
 
 from __future__ import annotations
