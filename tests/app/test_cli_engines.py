@@ -35,7 +35,13 @@ from hpcckpt.runner.control import socket_path
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "mpi_integrate.py"
 MPIRUN = shutil.which("mpirun")
-mpi = pytest.mark.skipif(MPIRUN is None, reason="OpenMPI's mpirun is not installed")
+_needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="OpenMPI's mpirun is not installed")
+
+
+def mpi(test: Callable[..., None]) -> Callable[..., None]:
+    """Real OpenMPI: the suite's ``mpi`` marker, and skipped where mpirun is missing."""
+    marked: Callable[..., None] = pytest.mark.mpi(_needs_mpirun(test))
+    return marked
 pytestmark = pytest.mark.slow
 
 STEPS, CELLS, SLEEP = "500", "2000", "0.02"  # >= 10 s: killed well before its end
