@@ -29,14 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.jobid import resolve
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.runner.launch import StdioPipes, spawn_in_pid_namespace
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.core.launch.spawn import StdioPipes, spawn_in_pid_namespace
+from hpcckpt.store.images import Store
 
 HOLDER = """
 import sys, time, numpy as np

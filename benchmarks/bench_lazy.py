@@ -39,13 +39,13 @@ from pathlib import Path
 
 from benchmarks.bench_pipeline import criu_raw, drop_caches, kill_and_wait, load, spawn
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import User, current_user
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.jobid import JobIdentity
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.store.images import Store
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]

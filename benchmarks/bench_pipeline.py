@@ -36,15 +36,15 @@ from pathlib import Path
 import psutil
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, CheckpointResult, JobInfo
+from hpcckpt.core.checkpoint import Checkpointer, CheckpointResult, JobInfo
 from hpcckpt.context import User, current_user
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.image import ImageMeta, pack_dir
 from hpcckpt.jobid import JobIdentity
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.resume import Resumer
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.core.resume import Resumer
+from hpcckpt.store.images import Store
 
 MiB = 1 << 20
 

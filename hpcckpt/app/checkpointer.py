@@ -190,7 +190,7 @@ class Checkpointer:
 
     def _rank0_store(self) -> twophase.Rank0:
         from hpcckpt.catalog import open_catalog
-        from hpcckpt.store import Store
+        from hpcckpt.store.images import Store
 
         if self._store is None:
             self._store = Store(self.ctx.store_root, self.user)

@@ -14,8 +14,8 @@ from hpcckpt.app.api_engine import api_engine
 from hpcckpt.app.files_engine import files_engine
 from hpcckpt.app.signals import signal_number
 from hpcckpt.errors import UsageError
-from hpcckpt.runner.engines import EngineFactory
-from hpcckpt.runner.relaunch import launch_record
+from hpcckpt.core.runner.engines import EngineFactory
+from hpcckpt.core.runner.relaunch import launch_record
 
 
 def engine_record(argv: Sequence[str], cwd: str, env: Mapping[str, str], *, app_files: Sequence[str],

@@ -44,11 +44,11 @@ from hpcckpt import log as hlog
 from hpcckpt.app import launched, shards
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.signals import signal_number
-from hpcckpt.checkpoint import CheckpointResult
+from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.context import User
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, UsageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
-from hpcckpt.runner.engines import EngineSetup, Launched, Taken
+from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
 
 _log = hlog.get("app.files")
 
@@ -121,7 +121,7 @@ class FilesJob:
 
     def _open(self) -> tuple[Any, Any]:
         from hpcckpt.catalog import open_catalog
-        from hpcckpt.store import Store
+        from hpcckpt.store.images import Store
 
         return (Store(self.ctx.store_root, self.user),
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))

@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpcckpt import procinfo
+from hpcckpt.criu import procinfo
 from hpcckpt.catalog import CkptRecord
-from hpcckpt.checkpoint import CheckpointResult
+from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.errors import HpcckptError, UsageError
-from hpcckpt.runner.engines import EngineSetup, Launched, Result
+from hpcckpt.core.runner.engines import EngineSetup, Launched, Result
 
 PR_SET_PDEATHSIG = 1
 _ERRNO = struct.Struct("<i")
@@ -108,7 +108,7 @@ def end_job(pid: int, until: float) -> None:
 
 
 class AppEngineBase:
-    """The bookkeeping the ``files`` and ``api`` engines share (see :class:`hpcckpt.runner.engines.JobEngine`)."""
+    """The bookkeeping the ``files`` and ``api`` engines share (see :class:`hpcckpt.core.runner.engines.JobEngine`)."""
 
     name = "app"
     image_engine = "app"  # what their images' catalog rows say

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hpcckpt import fsutil
+from hpcckpt.fs import safe as fsutil
 from hpcckpt.app import state as state_codec
 from hpcckpt.errors import CorruptImageError, StoreError, UsageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image

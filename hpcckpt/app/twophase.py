@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpcckpt import fsutil
+from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.app import shards
 from hpcckpt.app.coord import Coordinator

@@ -13,7 +13,7 @@ from hpcckpt.catalog.base import Catalog
 from hpcckpt.catalog.model import CkptRecord, Status
 from hpcckpt.context import User
 from hpcckpt.errors import StoreError
-from hpcckpt.fsutil import ensure_private_dir, is_safe_component
+from hpcckpt.fs.safe import ensure_private_dir, is_safe_component
 
 CATALOG_FILE = "catalog.sqlite"
 

@@ -10,7 +10,7 @@ only rows with their uid; root sees and changes every row. This filter is
 for correct answers, not for security: SQLite catalogs are kept apart by their
 0700 directories, and a shared PostgreSQL catalog by per-user roles with
 row-level security and a trigger that stamps each row's owner
-(``hpcckpt catalog pg-setup``, hpcckpt/pg_security.py).
+(``hpcckpt catalog pg-setup``, hpcckpt/catalog/pg_security.py).
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ class Catalog(ABC):
 
         return self._read(tx)
 
-    # -- job leases (hpcckpt.lease decides; these only read and compare-and-swap) --
+    # -- job leases (hpcckpt.core.lease decides; these only read and compare-and-swap) --
 
     def _lease_uid(self, uid: int | None) -> int:
         scope = self._scope(uid)

@@ -90,7 +90,7 @@ class CkptRecord:
 
 
 class LeaseState(str, Enum):
-    LIVE = "live"  # a runner holds the job (it may have died since: see hpcckpt.lease.judge)
+    LIVE = "live"  # a runner holds the job (it may have died since: see hpcckpt.core.lease.judge)
     STOPPED = "stopped"  # the last runner let go without the job ending (checkpoint-and-stop, failure)
     EXITED = "exited"  # the job ended on its own, with exit_status at ended
 

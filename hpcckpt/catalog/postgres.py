@@ -8,7 +8,7 @@ failures are retried until a deadline, with jitter.
 Opening a catalog first *reads* its schema version (a read-only
 transaction every role can run) and migrates only when it is behind, and only
 when the connecting role owns the tables (or may create them). An ordinary
-user's role, under row-level security (:mod:`hpcckpt.pg_security`), never
+user's role, under row-level security (:mod:`hpcckpt.catalog.pg_security`), never
 tries to change the schema: a catalog that is behind is reported with the
 admin command that fixes it. Migrations run under an advisory lock, so two
 nodes starting at once do not both migrate.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hpcckpt import log as hlog
-from hpcckpt import pg_security
+from hpcckpt.catalog import pg_security
 from hpcckpt.catalog.base import Catalog, Cursor
 from hpcckpt.catalog.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from hpcckpt.context import User

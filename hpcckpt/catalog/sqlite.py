@@ -34,7 +34,7 @@ from hpcckpt.catalog.base import Catalog, Cursor
 from hpcckpt.catalog.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError, CatalogVersionError
-from hpcckpt.fsutil import as_fs_user
+from hpcckpt.fs.safe import as_fs_user
 
 T = TypeVar("T")
 _log = hlog.get("catalog")

@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Any
 
-from hpcckpt import pg_security
+from hpcckpt.catalog import pg_security
 from hpcckpt.catalog import is_postgres_url
-from hpcckpt.catalog.access import has_catalog, load_setup, opened, target_users
-from hpcckpt.catalog.check import check_consistency
-from hpcckpt.catalog.rebuild import rebuild_catalog
+from hpcckpt.store.access import has_catalog, load_setup, opened, target_users
+from hpcckpt.store.check import check_consistency
+from hpcckpt.store.rebuild import rebuild_catalog
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_CATALOG, EXIT_OK, UsageError

@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.runner.control import request
+    from hpcckpt.core.runner.control import request
 
     validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     doc: dict[str, Any] = {"op": "checkpoint", "stop": bool(args.and_stop)}

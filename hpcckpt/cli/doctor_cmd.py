@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcckpt import doctor
+from hpcckpt.core import doctor
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.errors import EXIT_ENGINE, EXIT_OK
 

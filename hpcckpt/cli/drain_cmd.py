@@ -9,7 +9,7 @@ from hpcckpt.cli.common import add_json_arg, formatter, print_json
 from hpcckpt.errors import EXIT_OK, EXIT_SLURM, UsageError
 
 if TYPE_CHECKING:
-    from hpcckpt.slurm.drain import MoveOptions
+    from hpcckpt.cluster.drain import MoveOptions
 
 HELP = """\
 Drain NODE in Slurm (no new job lands there), then move every job under
@@ -61,7 +61,7 @@ def add_move_args(p: Any, what: str) -> None:
 def move_options(args: argparse.Namespace) -> MoveOptions:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
-    from hpcckpt.slurm.drain import MoveOptions
+    from hpcckpt.cluster.drain import MoveOptions
 
     return MoveOptions(stop_timeout=args.timeout, resume_timeout=0 if args.no_wait else args.timeout)
 
@@ -69,8 +69,8 @@ def move_options(args: argparse.Namespace) -> MoveOptions:
 def run(args: argparse.Namespace) -> int:
     opts = move_options(args)
     from hpcckpt.context import current_user
-    from hpcckpt.slurm.drain import drain_node
-    from hpcckpt.slurm.hooks import default_deps
+    from hpcckpt.cluster.drain import drain_node
+    from hpcckpt.cluster.hooks import default_deps
 
     report = drain_node(default_deps(), args.node, args.reason, current_user(), opts)
     if args.json:

@@ -11,7 +11,7 @@ from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_OK, ImageError
 from hpcckpt.image import read_header, verify_image
 from hpcckpt.image.render import render_summary
-from hpcckpt.image.resolve import catalog_lookup, parent_resolver, resolve_image
+from hpcckpt.store.resolve import catalog_lookup, parent_resolver, resolve_image
 
 HELP = """\
 Show an image: its header (job, engine, node, kernel, command line), the

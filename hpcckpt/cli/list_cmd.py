@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from hpcckpt.catalog import CkptRecord
-from hpcckpt.catalog.access import has_catalog, load_setup, opened, shared_catalog, target_users
+from hpcckpt.store.access import has_catalog, load_setup, opened, shared_catalog, target_users
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.humanize import human_size

@@ -51,9 +51,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.catalog.access import load_setup
+    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
-    from hpcckpt.fsutil import safe_job_component
+    from hpcckpt.fs.safe import safe_job_component
     from hpcckpt.observe.metrics import default_staging_bases, render, scan_staging, write_textfile
     from hpcckpt.observe.visible import visible_jobs
     from hpcckpt.policy import load_policy

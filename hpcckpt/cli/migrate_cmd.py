@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     opts = move_options(args)
     from hpcckpt.context import current_user
     from hpcckpt.slurm.adapter import check_job_id
-    from hpcckpt.slurm.drain import migrate_job
-    from hpcckpt.slurm.hooks import default_deps
+    from hpcckpt.cluster.drain import migrate_job
+    from hpcckpt.cluster.hooks import default_deps
 
     check_job_id(args.job_id)
     result = migrate_job(default_deps(), args.job_id, current_user(), opts)

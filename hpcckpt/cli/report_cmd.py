@@ -38,10 +38,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.catalog.access import load_setup
+    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
     from hpcckpt.errors import NotFoundError, UsageError
-    from hpcckpt.fsutil import atomic_write_bytes
+    from hpcckpt.fs.safe import atomic_write_bytes
     from hpcckpt.observe import report
     from hpcckpt.observe.visible import visible_jobs
 

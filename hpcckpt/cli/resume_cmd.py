@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     if args.sbatch and not args.submit:
         raise UsageError("--sbatch needs --submit")
-    from hpcckpt.runner.session import SessionOptions, resume_job, submit_resume_job
+    from hpcckpt.core.runner.session import SessionOptions, resume_job, submit_resume_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline)
@@ -100,14 +100,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.as_owner:
         from hpcckpt.context import user_by_name
-        from hpcckpt.security import become
+        from hpcckpt.core.security import become
 
         try:
             as_owner = user_by_name(args.as_owner)
         except KeyError as err:
             raise UsageError(f"--as-owner: no user named {args.as_owner!r}") from err
         become(as_owner)  # before anything is opened (the job's lease, to tell its engine), for good
-    from hpcckpt.runner.relaunch import recorded_launch, resume_launched
+    from hpcckpt.core.runner.relaunch import recorded_launch, resume_launched
 
     record = recorded_launch(opts, args.job_id)
     if record is not None:  # a files/api job: its recorded command is run again

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
     args.command = argv
-    from hpcckpt.runner.session import SessionOptions, run_job
+    from hpcckpt.core.runner.session import SessionOptions, run_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline, signals=args.signals)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         import os
 
         from hpcckpt.app.engines import engine_factory, engine_record
-        from hpcckpt.runner.relaunch import run_launched
+        from hpcckpt.core.runner.relaunch import run_launched
 
         record = engine_record(argv, os.getcwd(), os.environ, app_files=args.app_files, app_signal=args.app_signal)
         return run_launched(argv, opts, engine_factory(record), record, job_id=args.job_id)

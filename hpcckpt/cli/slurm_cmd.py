@@ -73,7 +73,7 @@ def register(sub: Any) -> None:
 
 
 def run_hook(args: argparse.Namespace) -> int:
-    from hpcckpt.slurm import hooks
+    from hpcckpt.cluster import hooks
     from hpcckpt.slurm.env import from_environ
 
     env = from_environ()
@@ -85,8 +85,8 @@ def run_drain_watch(args: argparse.Namespace) -> int:
     from hpcckpt.cli.drain_cmd import render_report
     from hpcckpt.context import current_user
     from hpcckpt.errors import EXIT_SLURM
-    from hpcckpt.slurm.drain import MoveOptions, watch_once
-    from hpcckpt.slurm.hooks import default_deps
+    from hpcckpt.cluster.drain import MoveOptions, watch_once
+    from hpcckpt.cluster.hooks import default_deps
 
     reports = watch_once(default_deps(), current_user(), args.nodes,
                          MoveOptions(stop_timeout=args.timeout, resume_timeout=0))

@@ -46,7 +46,7 @@ def _ago(seconds: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.catalog.access import load_setup
+    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
     from hpcckpt.observe.status import job_statuses
     from hpcckpt.observe.visible import visible_jobs

@@ -8,7 +8,7 @@ from typing import Any
 
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
-from hpcckpt.image.check import check_images
+from hpcckpt.store.verify import check_images
 from hpcckpt.progress import terminal_progress
 
 HELP = """\

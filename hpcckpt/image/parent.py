@@ -61,7 +61,7 @@ class ParentIndex:
     """What a new image may reference instead of storing: hash -> location.
 
     ``depth``, ``base``, ``base_bytes`` and ``chain_bytes`` describe the chain
-    ending with this image, for chain bounding (:mod:`hpcckpt.pipeline.chain`).
+    ending with this image, for chain bounding (:mod:`hpcckpt.core.pipeline.chain`).
     """
 
     ckptid: int

@@ -17,7 +17,7 @@ are the same on every node and across restarts):
   checkpoint was taken (``fixed``, or ``daly`` for ``interval: auto``, with
   Daly's measured cost ``delta``);
 - restores and fallbacks: job events ``restore`` and ``fallback`` that
-  :class:`hpcckpt.resume.Resumer` records.
+  :class:`hpcckpt.core.resume.Resumer` records.
 """
 
 from __future__ import annotations

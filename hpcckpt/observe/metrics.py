@@ -27,13 +27,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcckpt import fsutil
+from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User
 from hpcckpt.errors import HpcckptError
 from hpcckpt.observe.jobstats import JobStats, load_jobs
-from hpcckpt.pipeline.staging import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, staging_candidates
+from hpcckpt.core.pipeline.staging import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, staging_candidates
 
 _log = hlog.get("metrics")
 

@@ -27,8 +27,7 @@ from typing import Any
 
 from hpcckpt.context import node_name
 from hpcckpt.observe.jobstats import JobStats
-from hpcckpt.runner import control
-
+from hpcckpt.core.runner import control
 FAILING_RUN = 3  # this many failed attempts in a row is a warning
 STALE_INTERVALS = 2
 

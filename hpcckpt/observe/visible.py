@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcckpt.catalog.access import Setup, has_catalog, opened, shared_catalog, target_users
+from hpcckpt.store.access import Setup, has_catalog, opened, shared_catalog, target_users
 from hpcckpt.context import User
 from hpcckpt.observe.jobstats import JobStats, load_jobs
 

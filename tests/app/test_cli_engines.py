@@ -30,7 +30,7 @@ import pytest
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
 from hpcckpt.errors import EXIT_REQUEUE, EXIT_USAGE
-from hpcckpt.runner.control import socket_path
+from hpcckpt.core.runner.control import socket_path
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "mpi_integrate.py"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.store import Store
+from hpcckpt.store.images import Store
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from hpcckpt.catalog import Catalog
 from hpcckpt.cli.main import main
 from hpcckpt.context import User
 from hpcckpt.errors import EXIT_CATALOG, EXIT_PERMISSION
-from hpcckpt.store import Store
+from hpcckpt.store.images import Store
 from tests.security.users import REPO, ensure_user, hpcckpt_as, run_as, unreachable_path_component
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import Catalog, Status
-from hpcckpt.catalog.check import check_consistency
-from hpcckpt.catalog.gc import collect_garbage
+from hpcckpt.store.check import check_consistency
+from hpcckpt.store.gc import collect_garbage
 from hpcckpt.context import User
-from hpcckpt.store import PUBLISH_STEPS, Store
+from hpcckpt.store.images import PUBLISH_STEPS, Store
 
 REPO = Path(__file__).resolve().parents[2]
 WRITERS = 32

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from hpcckpt import pg_security
+from hpcckpt.catalog import pg_security
 from hpcckpt.catalog import Catalog, postgres
 from hpcckpt.catalog.postgres import PostgresCatalog, session_role
 from hpcckpt.catalog.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
-from hpcckpt.catalog.check import check_consistency
-from hpcckpt.catalog.gc import collect_garbage
-from hpcckpt.catalog.rebuild import rebuild_catalog
+from hpcckpt.store.check import check_consistency
+from hpcckpt.store.gc import collect_garbage
+from hpcckpt.store.rebuild import rebuild_catalog
 from hpcckpt.context import User
-from hpcckpt.retention import RetentionPolicy, apply_retention
-from hpcckpt.store import Store
+from hpcckpt.store.retention import RetentionPolicy, apply_retention
+from hpcckpt.store.images import Store
 
 image = pytest.importorskip("hpcckpt.image")
 

@@ -1,4 +1,4 @@
-"""Store layout, atomic publish and the path-safety helpers in hpcckpt.fsutil."""
+"""Store layout, atomic publish and the path-safety helpers in hpcckpt.fs.safe."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import CatalogError, StoreError, UnsafePathError
-from hpcckpt.fsutil import atomic_write_bytes, ensure_private_dir, safe_job_component
-from hpcckpt.store import Store
+from hpcckpt.fs.safe import atomic_write_bytes, ensure_private_dir, safe_job_component
+from hpcckpt.store.images import Store
 
 
 def test_publish_commits_durable_private_image(cat: Catalog, store_root: Path, me: User) -> None:
@@ -162,9 +162,9 @@ def test_root_never_writes_through_a_users_planted_journal_link(store_root: Path
 
 
 def test_companion_files_live_and_die_with_their_checkpoint(cat: Catalog, store_root: Path, me: User) -> None:
-    from hpcckpt.catalog.gc import collect_garbage
-    from hpcckpt.retention import RetentionPolicy, apply_retention
-    from hpcckpt.store import parse_image_name, parse_store_name
+    from hpcckpt.store.gc import collect_garbage
+    from hpcckpt.store.retention import RetentionPolicy, apply_retention
+    from hpcckpt.store.images import parse_image_name, parse_store_name
 
     assert parse_image_name("ckpt-7.hck") == 7
     assert parse_image_name("ckpt-7.r3.hck") is None

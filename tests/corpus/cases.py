@@ -116,7 +116,7 @@ def job_env(scratch: Path, *, under_hpcckpt: bool = True) -> dict[str, str]:
 
     ``scratch`` is short (unix socket paths end at 108 bytes). Under hpcckpt the job gets its own directories
     below it (TMPDIR=scratch/hpcckpt-UID/JOB) and in /dev/shm for OpenMPI's shared memory
-    (hpcckpt.runner.scratch), as any user's job does; the uninterrupted reference run keeps both in ``scratch``.
+    (hpcckpt.core.launch.scratch), as any user's job does; the uninterrupted reference run keeps both in ``scratch``.
     """
     env = {
         "TMPDIR": str(scratch),

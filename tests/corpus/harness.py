@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpcckpt import procinfo
+from hpcckpt.criu import procinfo
 from tests.corpus.cases import Built, Case, differing_outputs, job_env, scratch_dir, steps_printed
 from tests.criu.harness import REPO, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 

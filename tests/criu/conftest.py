@@ -16,7 +16,7 @@ from hpcckpt.errors import HpcckptError
 
 @pytest.fixture(scope="session")
 def criu_ok() -> None:
-    from hpcckpt.engine.criu import Criu
+    from hpcckpt.criu.engine import Criu
 
     if os.geteuid() != 0:
         pytest.skip("the CRIU job tests need root (PID namespaces)")

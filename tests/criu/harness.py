@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcckpt import procinfo
-from hpcckpt.runner.control import request
+from hpcckpt.criu import procinfo
+from hpcckpt.core.runner.control import request
 
 REPO = Path(__file__).resolve().parents[2]
 PROGS = Path(__file__).resolve().parent / "progs"
@@ -58,7 +58,7 @@ class Cmd:
 def hpcckpt(args: Sequence[str], workdir: Path, tag: str, store: Path, extra_env: dict[str, str] | None = None
             ) -> Cmd:
     out, err = workdir / f"{tag}.out", workdir / f"{tag}.err"
-    # The job's own temporary directories (hpcckpt.runner.scratch) go below the test's directory.
+    # The job's own temporary directories (hpcckpt.core.launch.scratch) go below the test's directory.
     env = dict(os.environ, HPCCKPT_LOG_FORMAT="json", HPCCKPT_STORE=str(store),
                HPCCKPT_STAGING=str(workdir / "staging"), PYTHONPATH=str(REPO), TMPDIR=str(workdir),
                OMPI_MCA_btl_vader_backing_directory=str(workdir))

@@ -20,18 +20,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpcckpt import criuimg, procinfo
+from hpcckpt.criu import images as criuimg
+
+from hpcckpt.criu import procinfo
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
-from hpcckpt.criuimg import DumpedFile
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.images import DumpedFile
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.errors import CorruptImageError
 from hpcckpt.jobid import JobIdentity
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.procinfo import FdState, TreeSnapshot
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.criu.procinfo import FdState, TreeSnapshot
+from hpcckpt.store.images import Store
 
 # The job: opens R (read), W (write, not append), RW (read-write), A (append) and D (deleted),
 # says "ready", then on every SIGUSR1 writes one more line to W, RW and A ("grows after the dump").

@@ -3,7 +3,7 @@
 A numpy job holding hundreds of MiB is checkpointed by ``hpcckpt run``,
 killed with its runner (a node crash), and resumed with ``restore.lazy:
 on``: ``criu restore --lazy-pages`` with ``criu lazy-pages`` asking our page
-server (hpcckpt.engine.pageserver) for every page, which answers from the
+server (hpcckpt.criu.pageserver) for every page, which answers from the
 image, chunk by checked chunk. The job's final digest must equal that of an
 uninterrupted run of the same program.
 """
@@ -23,11 +23,11 @@ import pytest
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.engine.base import DumpOptions, RestoreResult
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions, RestoreResult
+from hpcckpt.criu.engine import Criu
 from hpcckpt.errors import EngineError
 from hpcckpt.image import format as F
-from hpcckpt.resume import Resumer
+from hpcckpt.core.resume import Resumer
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 from tests.criu.test_stream_restore import page_chunks
 

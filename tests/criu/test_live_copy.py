@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import procinfo
+from hpcckpt.criu import procinfo
 from tests.criu.harness import PROGS, Cmd, gone, hpcckpt, job_pid, wait_for
 
 pytestmark = [pytest.mark.criu]

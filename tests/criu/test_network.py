@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.engine.netplan import Endpoint, classify, parse_tcp_table
+from hpcckpt.criu.netplan import Endpoint, classify, parse_tcp_table
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
 PAIR = str(PROGS / "tcp_pair.py")
@@ -106,7 +106,7 @@ def test_outside_connection_skips_checkpoints_when_policy_says_so(
 
 
 def test_first_error_is_criu_own_first_error_line() -> None:
-    from hpcckpt.engine.criu import first_error
+    from hpcckpt.criu.engine import first_error
 
     log = ("(00.001) Warn (criu/kerndat.c:1): something harmless\n"
            "(00.012) Error (criu/sk-inet.c:886): inet: Can't bind inet socket (id 17): Address already in use\n"

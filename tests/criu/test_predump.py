@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.checkpoint import Checkpointer
-from hpcckpt.engine.base import DumpOptions, DumpResult
+from hpcckpt.core.checkpoint import Checkpointer
+from hpcckpt.criu.interface import DumpOptions, DumpResult
 from hpcckpt.errors import EngineError
 from hpcckpt.image import unpack_image, verify_image
-from hpcckpt.pipeline.predump import PreDumpEngine, PreDumpPlan
-from hpcckpt.resume import header_facts
+from hpcckpt.core.pipeline.predump import PreDumpEngine, PreDumpPlan
+from hpcckpt.core.resume import header_facts
 from tests.criu.test_units import FileEngine, make
 
 MEMORY = os.urandom(64 << 10)

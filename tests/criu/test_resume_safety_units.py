@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.criuimg import RecordedPath
+from hpcckpt.criu.images import RecordedPath
 from hpcckpt.errors import CorruptImageError, IncompatibleError, StoreError
 from hpcckpt.image import OpenFile
-from hpcckpt.image.binding import check_bound, row_mismatches
+from hpcckpt.store.binding import check_bound, row_mismatches
 from hpcckpt.image.model import ImageMeta
-from hpcckpt.image.resolve import CkptRef
-from hpcckpt.resume import plan_paths
-from hpcckpt.tails import Tails
+from hpcckpt.store.resolve import CkptRef
+from hpcckpt.core.resume import plan_paths
+from hpcckpt.core.tails import Tails
 
 REG, DIR = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import Checkpointer, JobInfo
 from hpcckpt.context import current_user
-from hpcckpt.engine.base import DumpOptions, DumpResult, RestoreResult
-from hpcckpt.engine.criu import log_excerpt
-from hpcckpt.engine.streamer import Source as StreamSource
+from hpcckpt.criu.interface import DumpOptions, DumpResult, RestoreResult
+from hpcckpt.criu.engine import log_excerpt
+from hpcckpt.criu.streamer import Source as StreamSource
 from hpcckpt.errors import EngineError, RunnerUnreachableError, UsageError
 from hpcckpt.image import OpenFile, verify_image
 from hpcckpt.jobid import resolve
-from hpcckpt.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.resume import FileState, plan_files
-from hpcckpt.runner.control import ControlServer, request
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.core.resume import FileState, plan_files
+from hpcckpt.core.runner.control import ControlServer, request
+from hpcckpt.store.images import Store
 
 
 def test_job_identity_from_slurm_array_cli_and_generated() -> None:
@@ -74,7 +74,7 @@ def test_control_socket_round_trip_and_unreachable(tmp_path: Path, monkeypatch: 
     assert oct(os.stat(srv.path.parent).st_mode & 0o777) == "0o700"
     import threading
 
-    from hpcckpt.runner.control import reply
+    from hpcckpt.core.runner.control import reply
 
     def serve() -> None:
         for _ in range(50):

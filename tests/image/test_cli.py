@@ -13,7 +13,7 @@ from hpcckpt.cli.main import main
 from hpcckpt.context import User
 from hpcckpt.errors import NotFoundError, PermissionDeniedError, UnreadableImageError
 from hpcckpt.image import TaskInfo, write_error_image
-from hpcckpt.image.resolve import CkptRef, resolve_image
+from hpcckpt.store.resolve import CkptRef, resolve_image
 from tests.image.conftest import meta, pack_bytes
 
 

@@ -11,9 +11,9 @@ import pytest
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.image import ImageMeta
-from hpcckpt.pipeline.flush import StorePublisher
-from hpcckpt.pipeline.staging import StagedCheckpoint
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.flush import StorePublisher
+from hpcckpt.core.pipeline.staging import StagedCheckpoint
+from hpcckpt.store.images import Store
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hpcckpt.image.parent import ParentIndex
-from hpcckpt.pipeline.chain import decide_chain
+from hpcckpt.core.pipeline.chain import decide_chain
 
 
 def idx(depth: int, chain_bytes: int = 100, base_bytes: int = 100) -> ParentIndex:

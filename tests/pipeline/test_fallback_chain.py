@@ -7,9 +7,9 @@ from pathlib import Path
 from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User
 from hpcckpt.image.parent import ParentIndex
-from hpcckpt.pipeline.chain import decide_chain
-from hpcckpt.pipeline.flush import Flusher, FlushSettings, StorePublisher
-from hpcckpt.retention import RetentionPolicy, chain_of, fallback_full, select_for_deletion
+from hpcckpt.core.pipeline.chain import decide_chain
+from hpcckpt.core.pipeline.flush import Flusher, FlushSettings, StorePublisher
+from hpcckpt.store.retention import RetentionPolicy, chain_of, fallback_full, select_for_deletion
 from tests.pipeline.conftest import memory, stage
 
 NOW = 1_000_000.0

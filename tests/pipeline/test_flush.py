@@ -13,7 +13,7 @@ import pytest
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import User
 from hpcckpt.image import verify_image
-from hpcckpt.pipeline.flush import (
+from hpcckpt.core.pipeline.flush import (
     Admission,
     Flusher,
     FlushSettings,
@@ -22,8 +22,8 @@ from hpcckpt.pipeline.flush import (
     flush_one,
     salvage_staging,
 )
-from hpcckpt.pipeline.staging import DONE_MARKER, StagedCheckpoint
-from hpcckpt.store import Store
+from hpcckpt.core.pipeline.staging import DONE_MARKER, StagedCheckpoint
+from hpcckpt.store.images import Store
 from tests.pipeline.conftest import dirs, memory, stage
 
 MiB = 1 << 20

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.engine.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, lazy_ranges, read_pagemaps
-from hpcckpt.engine.pageserver import PS_IOV_ADD_F, PS_IOV_FORCE_CLOSE, PS_IOV_GET, PSI, PageServer
+from hpcckpt.criu.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, lazy_ranges, read_pagemaps
+from hpcckpt.criu.pageserver import PS_IOV_ADD_F, PS_IOV_FORCE_CLOSE, PS_IOV_GET, PSI, PageServer
 from hpcckpt.errors import CorruptImageError, EngineError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.lazy import LazyPages
 from hpcckpt.image.stream import prepare_image
-from hpcckpt.lazyrestore import lazy_unavailable, wants_lazy
+from hpcckpt.core.lazyrestore import lazy_unavailable, wants_lazy
 from tests.pipeline.test_incremental import Chain
 from tests.pipeline.test_stream import chunk_records, flip
 from tests.security.pbcraft import fv, image
@@ -202,14 +202,14 @@ def test_a_bad_chunk_fails_the_read_and_tells_on_failure_once(chain: Chain, tmp_
 def test_policy_and_node_decide() -> None:
     assert wants_lazy("on", 1 << 30, 1) and not wants_lazy("off", 0, 1 << 40)
     assert wants_lazy("auto", 1 << 30, 1 << 30) and not wants_lazy("auto", 1 << 30, (1 << 30) - 1)
-    from hpcckpt.engine.criu import Criu
+    from hpcckpt.criu.engine import Criu
 
     assert lazy_unavailable(object(), euid=0) is not None
     assert lazy_unavailable(Criu("/bin/true"), euid=0) is None
 
 
 def test_unprivileged_needs_the_sysctl(tmp_path: Path) -> None:
-    from hpcckpt.engine.criu import Criu
+    from hpcckpt.criu.engine import Criu
 
     sysctl = tmp_path / "unprivileged_userfaultfd"
     sysctl.write_text("0\n")

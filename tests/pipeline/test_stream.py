@@ -1,7 +1,7 @@
 """Streamed restores: an image checked but for its page data, which is checked chunk by chunk as served.
 
 The image side (:mod:`hpcckpt.image.stream`) and CRIU's image-streamer
-protocol (:mod:`hpcckpt.engine.streamer`), the latter driven from a client
+protocol (:mod:`hpcckpt.criu.streamer`), the latter driven from a client
 that does exactly what criu/img-streamer.c does. Real ``criu restore
 --stream`` runs in tests/criu and tests/pipeline/test_criu_incremental.py.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.engine.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply
+from hpcckpt.criu.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply
 from hpcckpt.errors import CorruptImageError, EngineError, UnreadableImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
@@ -355,8 +355,7 @@ def slow_read_all(fd: int, piece: int = 4096, every: int = 64) -> bytes:
 
 @pytest.mark.parametrize("sizes", [[MiB] * 12, [64 << 10] * 200, [4096, 3 * MiB, 100, 64 << 10, MiB + 1] * 6])
 def test_spliced_chunks_arrive_intact_however_slowly_criu_reads(tmp_path: Path, sizes: list[int]) -> None:
-    from hpcckpt.engine import splice
-
+    from hpcckpt.criu import splice
     assert splice.AVAILABLE
     reader = Chunks(sizes)
     s = ImageStreamer(tmp_path, lambda name: reader).start()
@@ -370,8 +369,7 @@ def test_spliced_chunks_arrive_intact_however_slowly_criu_reads(tmp_path: Path, 
 
 
 def test_splice_helpers(tmp_path: Path) -> None:
-    from hpcckpt.engine import splice
-
+    from hpcckpt.criu import splice
     r, w = os.pipe()
     buf = memoryview(bytearray(b"x" * 10000))
     assert splice.vmsplice_all(w, buf) == 10000 and splice.unread(w) == 10000

@@ -1,7 +1,7 @@
 """Build and patch CRIU image files byte by byte, for hostile-input tests.
 
 A tiny protobuf encoder/decoder (proto2 wire format) independent of
-hpcckpt.criuimg, so the tests do not check the reader against itself.
+hpcckpt.criu.images, so the tests do not check the reader against itself.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcckpt.pg_security import ADMIN_ROLE, hba_config
+from hpcckpt.catalog.pg_security import ADMIN_ROLE, hba_config
 
 PG_BIN = Path(os.environ.get("HPCCKPT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 DATABASE = "hpcckpt"

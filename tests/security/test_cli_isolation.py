@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import fsutil
+from hpcckpt.fs import safe as fsutil
 from tests.security.users import UnixUser, hpcckpt_as, run_as
 
 pytestmark = pytest.mark.multiuser
@@ -21,7 +21,7 @@ from pathlib import Path
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
 from hpcckpt.image import ImageMeta, pack_dir
-from hpcckpt.store import Store
+from hpcckpt.store.images import Store
 root, src = Path(sys.argv[1]), Path(sys.argv[2])
 me = current_user()
 cat = open_catalog(None, root, me)
@@ -84,7 +84,7 @@ def test_bob_cannot_inspect_alices_by_id_or_path(
     res = hpcckpt_as(bob, [cmd, str(ckptid)], env=env_for(root))
     assert res.returncode == 11, (res.returncode, res.stderr)  # not found: his catalog has no such row
     res = hpcckpt_as(bob, [cmd, str(path)], env=env_for(root))
-    # Refused by the kernel (alice's dir is 0700). hpcckpt.image.resolve reports it as
+    # Refused by the kernel (alice's dir is 0700). hpcckpt.store.resolve reports it as
     # "no such image file" (11) today; "permission denied" (5) would be clearer.
     assert res.returncode in (5, 10, 11), (res.returncode, res.stderr)
     assert "alice-secret-memory" not in res.stdout + res.stderr

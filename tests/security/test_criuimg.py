@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import criuimg
+from hpcckpt.criu import images as criuimg
 from hpcckpt.errors import CorruptImageError, UnsafeImageError
 from tests.security import pbcraft as pb
 

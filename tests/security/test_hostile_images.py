@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from hpcckpt import security
+from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import HpcckptError, ImageError, UnsafeImageError
 from hpcckpt.image import ImageMeta, pack_dir, read_header, unpack_image, verify_image

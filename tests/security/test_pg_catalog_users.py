@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from hpcckpt import fsutil, pg_security
+from hpcckpt.fs import safe as fsutil
+
+from hpcckpt.catalog import pg_security
 from hpcckpt.catalog.schema import SCHEMA_VERSION
 from tests.security import pgpeer
 from tests.security.users import REPO, UnixUser, hpcckpt_as, run_as, venv_bin
@@ -37,7 +39,7 @@ from pathlib import Path
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
 from hpcckpt.image import ImageMeta, pack_dir
-from hpcckpt.store import Store
+from hpcckpt.store.images import Store
 url, root, src, job = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 me = current_user()
 cat = open_catalog(url, root, me)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import pg_security
+from hpcckpt.catalog import pg_security
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError
 from tests.security import pgpeer
@@ -186,7 +186,7 @@ def test_unsafe_role_names_are_refused(name: str) -> None:
 
 _TAKE_LEASE = (
     "import sys; from hpcckpt.catalog.postgres import PostgresCatalog; from hpcckpt.context import current_user; "
-    "from hpcckpt.lease import acquire; from hpcckpt.errors import JobRunningError\n"
+    "from hpcckpt.core.lease import acquire; from hpcckpt.errors import JobRunningError\n"
     "c = PostgresCatalog(sys.argv[1], current_user())\n"
     "try:\n"
     "    acquire(c, sys.argv[2], options={'interval': sys.argv[3]})\n"

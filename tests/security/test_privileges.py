@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt import security
+from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import PermissionDeniedError, UnsafeImageError
 from tests.security import pbcraft as pb

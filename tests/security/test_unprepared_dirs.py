@@ -32,7 +32,7 @@ def test_staging_falls_back_to_disk_when_tmpfs_area_is_not_ours(alice: UnixUser,
     disk.chmod(0o1777)
     code = (
         "import sys, json; from pathlib import Path; from hpcckpt.context import current_user; "
-        "from hpcckpt.pipeline.staging import choose_staging; "
+        "from hpcckpt.core.pipeline.staging import choose_staging; "
         f"c = choose_staging(current_user(), 'j1', 1000, disk_root=Path({str(disk)!r}), "
         f"tmpfs=Path({str(tmpfs)!r}), mem_available=10**12); print(json.dumps([str(c.root), c.kind]))"
     )

@@ -1,7 +1,7 @@
 """Checkpoint and restart as an ordinary user: criu --unprivileged with file capabilities, no root anywhere.
 
 The job runs in a user + mount + PID namespace of its own (uid 0 inside is
-the caller outside, see hpcckpt.runner.launch); criu dumps it from inside
+the caller outside, see hpcckpt.core.launch.spawn); criu dumps it from inside
 that user namespace and restores it as root of a fresh one. These tests run
 the real launcher and the real CRIU adapter as alice (a real account, via
 setpriv, with no capabilities inherited), SIGKILL the job, restore it, and
@@ -44,10 +44,10 @@ while True:
 DRIVER = """\
 import json, os, signal, sys, time
 from pathlib import Path
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.errors import HpcckptError
-from hpcckpt.runner.launch import StdioPipes, spawn_in_pid_namespace
+from hpcckpt.core.launch.spawn import StdioPipes, spawn_in_pid_namespace
 
 work, counter, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 criu = Criu(sys.argv[4])
@@ -115,8 +115,8 @@ print(json.dumps(report))
 BOB_RESTORE = """\
 import json, os, signal, sys
 from pathlib import Path
-from hpcckpt.engine.base import DumpOptions
-from hpcckpt.engine.criu import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.criu.engine import Criu
 from hpcckpt.errors import HpcckptError
 report = {}
 try:
@@ -280,7 +280,7 @@ def test_cli_run_checkpoint_kill_resume_as_alice(alice: UnixUser, bob: UnixUser,
     bobs = hpcckpt_as(bob, ["resume", "x"], env=store, cwd=bob.home, timeout=30)
     assert bobs.returncode == 11, bobs.stderr  # not found: bob sees only his own jobs
     # Asked for a lazy restore: where the kernel refuses an unprivileged userfaultfd (the sysctl at 0, Debian's
-    # default) it restores streamed and says why (hpcckpt.lazyrestore).
+    # default) it restores streamed and says why (hpcckpt.core.lazyrestore).
     lazy_pol = work / "lazy.yaml"
     lazy_pol.write_text("restore:\n  lazy: \"on\"\n")
     os.chown(lazy_pol, alice.uid, alice.gid)

@@ -26,7 +26,7 @@ from typing import Any
 
 from hpcckpt.context import User
 from hpcckpt.errors import PermissionDeniedError
-from hpcckpt.security import supplementary_groups
+from hpcckpt.core.security import supplementary_groups
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_USERS = ("alice", "bob")

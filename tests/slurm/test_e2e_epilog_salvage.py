@@ -15,8 +15,8 @@ import pytest
 from hpcckpt.catalog import Status, open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.image import ImageMeta, verify_image
-from hpcckpt.pipeline.staging import TMPFS_SUBDIR, StagedCheckpoint
-from hpcckpt.slurm import hooks
+from hpcckpt.core.pipeline.staging import TMPFS_SUBDIR, StagedCheckpoint
+from hpcckpt.cluster import hooks
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import RestartRules
 from tests.slurm.fakes import FakeSlurm

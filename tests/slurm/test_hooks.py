@@ -13,10 +13,10 @@ import pytest
 from hpcckpt.catalog import Status, open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.image import ImageMeta, pack_dir
-from hpcckpt.slurm import hooks
+from hpcckpt.cluster import hooks
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import RestartRules
-from hpcckpt.slurm.submit import RESUME_ENV, resubmit_options, submit_resume
+from hpcckpt.cluster.submit import RESUME_ENV, resubmit_options, submit_resume
 from tests.slurm.fakes import FakeSlurm
 
 JOB = "4242"

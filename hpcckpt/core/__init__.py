@@ -1,0 +1,1 @@
+"""The checkpoint/restart core: the Site, checkpoint, resume, the pipeline and the runner."""

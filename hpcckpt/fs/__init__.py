@@ -1,0 +1,1 @@
+"""Filesystem steps that are safe as root in directories users control."""
