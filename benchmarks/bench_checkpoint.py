@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.criu.interface import DumpOptions
 from hpcckpt.criu.engine import Criu
@@ -82,7 +82,7 @@ def main() -> int:
             store = Store(store_root, user)
             # Full images every time (each is deleted after timing), staged on the same disk
             # directory the raw dump uses, so the two are compared like for like.
-            ck = Checkpointer(engine=criu, store=store, catalog=cat, job=job, options=DumpOptions(),
+            ck = CriuCheckpointer(engine=criu, store=store, catalog=cat, job=job, options=DumpOptions(),
                               flush=FlushSettings(codec=args.codec, incremental=False),
                               publisher=StorePublisher(store, functools.partial(open_catalog, None, store_root, user)),
                               disk_staging=work / "stage", tmpfs=None)

@@ -3,7 +3,7 @@
     sudo .venv/bin/python -m benchmarks.bench_lazy [--sizes 1024,4096] [--store DIR] [--codec none]
 
 For each size (MiB of private anonymous memory, all of it touched), a numpy
-job is checkpointed by the runner's own Checkpointer into a store and
+job is checkpointed by the runner's own CriuCheckpointer into a store and
 dumped by raw ``criu dump`` into a plain directory. Then, each from a cold
 page cache, side by side (target in brackets):
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from benchmarks.bench_pipeline import criu_raw, drop_caches, kill_and_wait, load, spawn
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import User, current_user
 from hpcckpt.criu.interface import DumpOptions
 from hpcckpt.criu.engine import Criu
@@ -99,10 +99,10 @@ def wait_progress(beat: Path, timeout: float = 300) -> float:
     raise RuntimeError("the restored job made no progress")
 
 
-def checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> Checkpointer:
+def checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> CriuCheckpointer:
     job = JobInfo(identity=JobIdentity(job_id, "cli"), user=me, cmdline=["bench"], cwd="/", stdio={}, interval=None)
     pub = StorePublisher(store, lambda: open_catalog(None, store.root, me))
-    return Checkpointer(engine=criu, store=store, catalog=open_catalog(None, store.root, me), job=job,
+    return CriuCheckpointer(engine=criu, store=store, catalog=open_catalog(None, store.root, me), job=job,
                         options=DumpOptions(), flush=FlushSettings(codec=codec, chunk_size=4 * MiB),
                         publisher=pub, disk_staging=staging)
 

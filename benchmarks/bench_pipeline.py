@@ -1,16 +1,16 @@
-"""The storage pipeline, through the runner's own Checkpointer and Resumer, against baselines in the same run.
+"""The storage pipeline, through the runner's own CriuCheckpointer and Resumer, against baselines in the same run.
 
     sudo .venv/bin/python -m benchmarks.bench_pipeline [--quick] [--size MIB] [--store DIR] [--staging DIR]
 
 Prints, side by side with its baseline (target in brackets):
 
-1. job frozen in ``Checkpointer.stage`` (CRIU's dump, job left running) / raw ``criu dump`` [<= 1.10]
-2. publish throughput of the Checkpointer's background flush (pack + fsync + rename + commit)
+1. job frozen in ``CriuCheckpointer.stage`` (CRIU's dump, job left running) / raw ``criu dump`` [<= 1.10]
+2. publish throughput of the CriuCheckpointer's background flush (pack + fsync + rename + commit)
    / ``dd conv=fsync`` of the same bytes [>= 0.85]
 3. bytes of the 2nd checkpoint (5% of memory changed) / the full image [<= 0.10]
 4. ``Resumer`` (check the image, stream its pages to ``criu restore --stream`` as each chunk is checked)
    / raw ``criu restore`` from a plain directory, both from a cold page cache, median of 5 [<= 1.25]
-5. slowdown of a compute-bound job checkpointed every 30 s by the Checkpointer (``--quick``: 5 s) [<= 3%]
+5. slowdown of a compute-bound job checkpointed every 30 s by the CriuCheckpointer (``--quick``: 5 s) [<= 3%]
 6. compression ratio and throughput per codec on the real dump
 
 Needs root and CRIU. The job is a Python process holding SIZE MiB: half
@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, CheckpointResult, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult, JobInfo
 from hpcckpt.context import User, current_user
 from hpcckpt.criu.interface import DumpOptions
 from hpcckpt.criu.engine import Criu
@@ -146,11 +146,11 @@ def kill_and_wait(pid: int) -> None:
         psutil.Process(pid).wait(60)
 
 
-def make_checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> Checkpointer:
-    """The runner's own Checkpointer, as ``hpcckpt run`` builds it (minus the control socket and loop)."""
+def make_checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> CriuCheckpointer:
+    """The runner's own CriuCheckpointer, as ``hpcckpt run`` builds it (minus the control socket and loop)."""
     job = JobInfo(identity=JobIdentity(job_id, "cli"), user=me, cmdline=["bench"], cwd="/", stdio={}, interval=None)
     pub = StorePublisher(store, lambda: open_catalog(None, store.root, me))
-    return Checkpointer(engine=criu, store=store, catalog=open_catalog(None, store.root, me), job=job,
+    return CriuCheckpointer(engine=criu, store=store, catalog=open_catalog(None, store.root, me), job=job,
                         options=DumpOptions(), flush=FlushSettings(codec=codec, chunk_size=MiB), publisher=pub,
                         disk_staging=staging)
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_text(flag, "ready")
 
         # 1. frozen time: alternate raw and staged dumps, best of 3 each (the machine is shared). The raw
-        # dump goes into the staging root the Checkpointer chose (tmpfs or disk), so both write to the same place.
+        # dump goes into the staging root the CriuCheckpointer chose (tmpfs or disk), so both write to the same place.
         raws, ours = [], []
         kinds = set()
         for i in range(3):
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             raws.append(timed(lambda r=raw: criu_raw(  # type: ignore[misc]
                 criu, "dump", "-t", str(pid), "-D", str(r), "-o", "d.log", "--leave-running")))
             shutil.rmtree(raw)
-        row(f"1. frozen: Checkpointer.stage ({'/'.join(sorted(kinds))}) / raw criu dump", min(ours), min(raws),
+        row(f"1. frozen: CriuCheckpointer.stage ({'/'.join(sorted(kinds))}) / raw criu dump", min(ours), min(raws),
             "s", "<=1.10")
 
         # 2. publish throughput of the background flush

@@ -25,7 +25,8 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcckpt import Checkpointer
-from hpcckpt.errors import EXIT_REQUEUE, HpcckptError
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_REQUEUE
 
 ALPHA = 0.25  # diffusion number; below 0.5 the explicit scheme is stable
 

@@ -43,7 +43,8 @@ from typing import Any, BinaryIO
 
 from hpcckpt.fs import safe as fsutil
 from hpcckpt.app import state as state_codec
-from hpcckpt.errors import CorruptImageError, StoreError, UsageError
+from hpcckpt.errors import StoreError, UsageError
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image
 
 MANIFEST_FORMAT = "hpcckpt-app-manifest"

@@ -44,7 +44,8 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hpcckpt.errors import CorruptImageError, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.image.errors import CorruptImageError
 
 MAGIC = b"HCKSTATE"
 VERSION = 1

@@ -183,7 +183,7 @@ def _save_rank0(
 
 
 @dataclass
-class Restored:
+class RestoredShards:
     ckptid: int
     manifest: shards.Manifest
     state: Any
@@ -200,7 +200,7 @@ def restore(
     staging: str | None,
     allow_resize: bool,
     on_resize: Callable[[shards.Manifest, Path], Any] | None = None,
-) -> Restored | None:
+) -> RestoredShards | None:
     """Collective. ``candidates`` (rank 0 only) lists committed catalog records, newest first.
 
     Returns None on a fresh start. When the rank count differs and
@@ -249,7 +249,7 @@ def restore(
             except HpcckptError as err:
                 ok, why = False, f"rank {coord.rank}: {err.render()}"
             if coord.all_true(ok):
-                return Restored(manifest.ckptid, manifest, value, [])
+                return RestoredShards(manifest.ckptid, manifest, value, [])
             errors.append(why or f"checkpoint {manifest.ckptid}: another rank failed to reshard")
             continue
         result = _load_own_shard(coord, manifest, mpath, staging)
@@ -271,7 +271,7 @@ def _warn_fallback(coord: Coordinator, why: str) -> None:
 
 def _load_own_shard(
     coord: Coordinator, manifest: shards.Manifest, mpath: Path, staging: str | None
-) -> Restored | None:
+) -> RestoredShards | None:
     ref = manifest.shards[coord.rank]
     with shards.staging_dir(staging) as stage:
         value: Any = None
@@ -288,4 +288,4 @@ def _load_own_shard(
             _warn_fallback(coord, f"checkpoint {manifest.ckptid}")
             return None
         restored = shards.put_back(captured)
-    return Restored(manifest.ckptid, manifest, value, restored)
+    return RestoredShards(manifest.ckptid, manifest, value, restored)

@@ -13,7 +13,8 @@ from hpcckpt.store.check import check_consistency
 from hpcckpt.store.rebuild import rebuild_catalog
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_CATALOG, EXIT_OK, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.exitcodes import EXIT_CATALOG, EXIT_OK
 
 HELP = """\
 Compare the catalog with the images in the store, or rebuild it from them.

@@ -9,7 +9,7 @@ from typing import Any
 
 from hpcckpt.core import doctor
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
-from hpcckpt.errors import EXIT_ENGINE, EXIT_OK
+from hpcckpt.exitcodes import EXIT_ENGINE, EXIT_OK
 
 HELP = """\
 Check what checkpointing needs on this node: the CRIU binary, its version and

@@ -6,7 +6,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from hpcckpt.cli.common import add_json_arg, formatter, print_json
-from hpcckpt.errors import EXIT_OK, EXIT_SLURM, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.exitcodes import EXIT_OK, EXIT_SLURM
 
 if TYPE_CHECKING:
     from hpcckpt.cluster.drain import MoveOptions

@@ -10,7 +10,8 @@ from hpcckpt.store.access import has_catalog, load_setup, opened, target_users
 from hpcckpt.store.gc import DEFAULT_GRACE_S, DEFAULT_STALE_AFTER_S, GcReport, collect_garbage
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_OK, EXIT_STORE, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.exitcodes import EXIT_OK, EXIT_STORE
 from hpcckpt.humanize import human_size
 from hpcckpt.policy.units import parse_duration
 

@@ -10,7 +10,8 @@ from typing import Any, BinaryIO, cast
 
 from hpcckpt.cli.common import add_json_arg, print_json
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_OK, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.exitcodes import EXIT_OK
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image
 from hpcckpt.image import format as F
 from hpcckpt.image.output import write_image_file

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from hpcckpt import __version__
 from hpcckpt import log as hlog
 from hpcckpt.cli.common import EPILOG_EXIT_CODES
-from hpcckpt.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_USAGE, HpcckptError
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_USAGE
 
 # One module per subcommand, in the order `--help` lists them.
 SUBCOMMANDS = (

@@ -7,7 +7,7 @@ from typing import Any
 
 from hpcckpt.cli.common import formatter, print_json
 from hpcckpt.cli.drain_cmd import add_move_args, move_options
-from hpcckpt.errors import EXIT_OK, EXIT_SLURM
+from hpcckpt.exitcodes import EXIT_OK, EXIT_SLURM
 
 HELP = """\
 Move your running job JOBID off its node: it takes a final checkpoint now,

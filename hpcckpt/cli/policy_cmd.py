@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt.cli.common import add_json_arg, formatter, print_json
-from hpcckpt.errors import EXIT_OK, EXIT_POLICY
+from hpcckpt.exitcodes import EXIT_OK, EXIT_POLICY
 from hpcckpt.policy import load_policy, parse_set_options, site_policy_path
 from hpcckpt.policy.report import check_files, render_table, render_yaml, to_json
 

@@ -84,7 +84,7 @@ def run_hook(args: argparse.Namespace) -> int:
 def run_drain_watch(args: argparse.Namespace) -> int:
     from hpcckpt.cli.drain_cmd import render_report
     from hpcckpt.context import current_user
-    from hpcckpt.errors import EXIT_SLURM
+    from hpcckpt.exitcodes import EXIT_SLURM
     from hpcckpt.cluster.drain import MoveOptions, watch_once
     from hpcckpt.cluster.hooks import default_deps
 

@@ -36,7 +36,8 @@ from typing import Any
 from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
-from hpcckpt.errors import HpcckptError, ImageError, NotFoundError, SlurmError, UnsafePathError
+from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError, UnsafePathError
+from hpcckpt.image.errors import ImageError
 from hpcckpt.core.pipeline.flush import FlushSettings
 from hpcckpt.core.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
@@ -44,7 +45,7 @@ from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import (
     Action,
     JobOutcome,
-    Kind,
+    RestartKind,
     RestartDecision,
     RestartRules,
     decide,
@@ -284,7 +285,7 @@ def _check_node(env: SlurmEnv, deps: HookDeps) -> None:
 
 
 @dataclass
-class SalvageReport:
+class EpilogSalvageReport:
     committed: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -301,7 +302,7 @@ def epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
     user = _job_user(env, deps)
     if user is None or deps.store_root is None:
         return HOOK_OK
-    report = SalvageReport()
+    report = EpilogSalvageReport()
     try:
         with _catalog(deps, user) as cat:
             report = salvage(env, deps, user, cat)
@@ -402,7 +403,7 @@ def _verified_ckptid(dir_fd: int, name: str) -> int | None:
             return None
 
 
-def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageReport:
+def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> EpilogSalvageReport:
     """Commit every fully written image of a publish the job's end interrupted; abort the rest.
 
     An image is only committed when all its bytes verify and its header names
@@ -410,7 +411,7 @@ def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> SalvageRepor
     have done had it lived another moment (SCR issues 531 and 210).
     """
     assert deps.store_root is not None
-    report = SalvageReport()
+    report = EpilogSalvageReport()
     rows = _writing_rows(cat, env, user.uid)
     path = job_dir(deps.store_root, user, env.job_id)
     try:
@@ -543,7 +544,7 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
             has_ckpt = any(r.status.value == "committed" for r in known)
             events = cat.job_events(env.job_id, uid=user.uid)
             prior = sum(1 for e in events if e.get("event") == "restart"
-                        and str(e.get("detail", "")).startswith(Kind.FAILURE.value))
+                        and str(e.get("detail", "")).startswith(RestartKind.FAILURE.value))
             outcome = JobOutcome(
                 state=state, exit_code=env.exit_code, exit_signal=env.exit_signal,
                 requeue_allowed=job.get("Requeue", "1") == "1", has_checkpoint=has_ckpt,
@@ -559,7 +560,7 @@ def ctld_epilog(env: SlurmEnv, deps: HookDeps | None = None) -> int:
             if decision.restarts:
                 cat.record_job_event(env.job_id, uid=user.uid, event="restart",
                                      detail=f"{decision.kind.value}: {decision.reason}", node=",".join(nodes))
-            elif decision.action is Action.STOP or decision.kind is not Kind.FINAL:
+            elif decision.action is Action.STOP or decision.kind is not RestartKind.FINAL:
                 cat.record_job_event(env.job_id, uid=user.uid, event="no-restart", detail=decision.reason,
                                      node=",".join(nodes))
     except (HpcckptError, OSError) as exc:

@@ -3,7 +3,7 @@
 The order is what keeps the job's latest image valid at every instant and
 the job's freeze short:
 
-1. Admission (:meth:`Checkpointer.admit`): if a flush is still running and
+1. Admission (:meth:`CriuCheckpointer.admit`): if a flush is still running and
    policy ``pipeline.on_busy`` says skip (or one already waits), the
    checkpoint is not taken at all, so a slow store costs the job nothing and
    staged dumps never pile up.
@@ -171,7 +171,7 @@ def _files_at_dump(snap: procinfo.TreeSnapshot, dump_dir: Path) -> list[OpenFile
 Retention = Callable[[Catalog], None]
 
 
-class Checkpointer:
+class CriuCheckpointer:
     """Takes checkpoints of one job into one store and catalog, through staging and a background flush.
 
     ``catalog`` is the main thread's connection (failure rows); the

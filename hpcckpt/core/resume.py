@@ -54,16 +54,8 @@ from hpcckpt.context import User, node_name
 from hpcckpt.criu.images import RecordedPath, recorded_paths
 from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
 from hpcckpt.criu.engine import restore_needs_user_namespace
-from hpcckpt.errors import (
-    CorruptImageError,
-    EngineError,
-    HpcckptError,
-    ImageError,
-    IncompatibleError,
-    NotFoundError,
-    UnsafeImageError,
-    UsageError,
-)
+from hpcckpt.errors import EngineError, HpcckptError, IncompatibleError, NotFoundError, UsageError
+from hpcckpt.image.errors import CorruptImageError, ImageError, UnsafeImageError
 from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
 from hpcckpt.store.binding import check_bound
 from hpcckpt.image.model import SectionInfo

@@ -30,7 +30,8 @@ from typing import Protocol, runtime_checkable
 from hpcckpt import log as hlog
 from hpcckpt.context import User, user_by_uid
 from hpcckpt.criu.images import check_credentials
-from hpcckpt.errors import NotFoundError, PermissionDeniedError, UnreadableImageError, UnsafeImageError
+from hpcckpt.errors import NotFoundError, PermissionDeniedError
+from hpcckpt.image.errors import UnreadableImageError, UnsafeImageError
 
 _log = hlog.get("security")
 

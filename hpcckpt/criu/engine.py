@@ -57,13 +57,8 @@ from hpcckpt.criu.images import UID_KINDS, scan_credentials
 from hpcckpt.criu.interface import AFTER_DUMP, DumpOptions, DumpResult, RestoreResult
 from hpcckpt.criu.streamer import ImageStreamer
 from hpcckpt.criu.streamer import Source as StreamSource
-from hpcckpt.errors import (
-    DeadlineExceededError,
-    EngineError,
-    EngineNotFoundError,
-    HpcckptError,
-    UnreadableImageError,
-)
+from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError, HpcckptError
+from hpcckpt.image.errors import UnreadableImageError
 
 _log = hlog.get("engine.criu")
 

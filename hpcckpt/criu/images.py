@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsafeImageError
 
 _U32 = struct.Struct("<I")
 

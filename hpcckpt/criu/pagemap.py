@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcckpt.criu.images import _Entries, _one
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 
 PAGE = 4096
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4

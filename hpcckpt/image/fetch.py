@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
 from hpcckpt.image.records import record_checksum

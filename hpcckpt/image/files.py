@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
-from hpcckpt.errors import HpcckptError, PermissionDeniedError, UnreadableImageError
+from hpcckpt.errors import HpcckptError, PermissionDeniedError
+from hpcckpt.image.errors import UnreadableImageError
 from hpcckpt.inputs import NotRegularFileError, open_regular
 
 

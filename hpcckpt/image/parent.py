@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.fetch import ChunkBuffer, read_chunk
 from hpcckpt.image.files import open_image_fd

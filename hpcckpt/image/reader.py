@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 import xxhash
 
 from hpcckpt import progress
-from hpcckpt.errors import CorruptImageError, UnsafeImageError
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
 from hpcckpt.image.fetch import ChunkAt

@@ -15,7 +15,8 @@ from typing import BinaryIO, Protocol
 
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, StoreError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.errors import StoreError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 
 Buffer = bytes | bytearray | memoryview

@@ -33,7 +33,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.fetch import ChunkAt, ChunkBuffer, read_chunk
 from hpcckpt.image.model import ImageSummary, SectionInfo

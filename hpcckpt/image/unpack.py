@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hpcckpt import log as hlog
-from hpcckpt.errors import ImageError, StoreError, UnsafePathError
+from hpcckpt.errors import StoreError, UnsafePathError
+from hpcckpt.image.errors import ImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.model import ImageSummary, SectionInfo

@@ -45,7 +45,7 @@ class Action(str, enum.Enum):
     STOP = "stop"  # Slurm requeued it but the restart limit is reached: cancel it
 
 
-class Kind(str, enum.Enum):
+class RestartKind(str, enum.Enum):
     VOLUNTARY = "voluntary"
     FAILURE = "failure"
     FINAL = "final"
@@ -82,7 +82,7 @@ class JobOutcome:
 @dataclass(frozen=True)
 class RestartDecision:
     action: Action
-    kind: Kind
+    kind: RestartKind
     reason: str
     delay: int | None = None  # seconds until it may start; None leaves Slurm's own hold
     exclude: list[str] = field(default_factory=list)  # the full new ExcNodeList, or [] to leave it
@@ -111,27 +111,27 @@ def pending_move(events: Sequence[Mapping[str, Any]]) -> list[str]:
     return nodes
 
 
-def classify(out: JobOutcome) -> Kind:
+def classify(out: JobOutcome) -> RestartKind:
     state = out.state.upper()
     if out.failed_nodes or state in _FAILURE_STATES:
-        return Kind.FAILURE
+        return RestartKind.FAILURE
     if out.exit_code == EXIT_REQUEUE or state in ("PREEMPTED",):
-        return Kind.VOLUNTARY
+        return RestartKind.VOLUNTARY
     if state in _REQUEUED_STATES:
         # Slurm requeued it without a node failure: preemption or RequeueExit.
-        return Kind.VOLUNTARY
+        return RestartKind.VOLUNTARY
     if state == "FAILED" and out.exit_signal == 9 and out.exit_code in (0, None):
         # SIGKILL of the whole job with no status of its own: its runner was killed
         # from outside (slurmd restart, node trouble), not by the application.
-        return Kind.FAILURE
-    return Kind.FINAL
+        return RestartKind.FAILURE
+    return RestartKind.FINAL
 
 
-def backoff_delay(rules: RestartRules, kind: Kind, failures: int) -> int:
+def backoff_delay(rules: RestartRules, kind: RestartKind, failures: int) -> int:
     """Base backoff for voluntary restarts; doubling per earlier failure for failures."""
     if rules.backoff <= 0:
         return 0
-    if kind is Kind.FAILURE:
+    if kind is RestartKind.FAILURE:
         return int(min(MAX_BACKOFF_S, rules.backoff * (2 ** max(0, failures))))
     return int(min(MAX_BACKOFF_S, rules.backoff))
 
@@ -149,16 +149,16 @@ def decide(rules: RestartRules, out: JobOutcome) -> RestartDecision:
     state = out.state.upper()
     already_requeued = state in _REQUEUED_STATES
     if state in _NEVER_STATES and not already_requeued:
-        return RestartDecision(Action.NONE, Kind.FINAL, f"job ended {state}; nothing to restart")
+        return RestartDecision(Action.NONE, RestartKind.FINAL, f"job ended {state}; nothing to restart")
     kind = classify(out)
-    if kind is Kind.FINAL:
+    if kind is RestartKind.FINAL:
         why = "it finished" if out.exit_code == 0 else "its own failure"
         return RestartDecision(
             Action.NONE, kind,
             f"job ended {state} with exit status {out.exit_code}: {why}, not restarted",
         )
-    failures = out.prior_failures + (1 if kind is Kind.FAILURE else 0)
-    if kind is Kind.FAILURE and failures > rules.max_restarts:
+    failures = out.prior_failures + (1 if kind is RestartKind.FAILURE else 0)
+    if kind is RestartKind.FAILURE and failures > rules.max_restarts:
         if already_requeued:
             return RestartDecision(
                 Action.STOP, kind,
@@ -168,7 +168,7 @@ def decide(rules: RestartRules, out: JobOutcome) -> RestartDecision:
         return RestartDecision(
             Action.NONE, kind, f"restart limit reached (failure.max_restarts={rules.max_restarts})"
         )
-    delay = backoff_delay(rules, kind, failures - 1 if kind is Kind.FAILURE else 0)
+    delay = backoff_delay(rules, kind, failures - 1 if kind is RestartKind.FAILURE else 0)
     exclude = _exclusions(rules, out)
     if already_requeued:
         return RestartDecision(Action.ADJUST, kind, f"Slurm requeued the job ({kind.value})", delay, exclude)

@@ -19,7 +19,7 @@ from typing import Any
 from hpcckpt.catalog import Catalog, is_postgres_url, open_catalog, sqlite_path
 from hpcckpt.context import User, resolve_catalog_url, resolve_store_root, user_by_name
 from hpcckpt.errors import NotFoundError, PermissionDeniedError, StoreError
-from hpcckpt.store.retention import RetentionPolicy
+from hpcckpt.store.retention import RetentionRules
 from hpcckpt.store.images import Store
 
 
@@ -27,7 +27,7 @@ from hpcckpt.store.images import Store
 class Setup:
     store_root: Path
     catalog_url: str | None
-    retention: RetentionPolicy
+    retention: RetentionRules
 
 
 def load_setup(
@@ -47,7 +47,7 @@ def load_setup(
     return Setup(
         store_root=resolve_store_root(store, pol.storage.root),
         catalog_url=resolve_catalog_url(catalog, pol.storage.catalog),
-        retention=RetentionPolicy.from_policy(pol),
+        retention=RetentionRules.from_policy(pol),
     )
 
 

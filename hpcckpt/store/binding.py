@@ -10,7 +10,7 @@ the row is marked ``corrupt`` and the image is not used.
 
 from __future__ import annotations
 
-from hpcckpt.errors import CorruptImageError
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image.model import ImageMeta
 from hpcckpt.store.resolve import CkptRef
 

@@ -25,7 +25,7 @@ from hpcckpt.catalog.base import Catalog
 from hpcckpt.store.check import temp_ckptid, user_rows
 from hpcckpt.catalog.model import CkptRecord, Status
 from hpcckpt.errors import StoreError
-from hpcckpt.store.retention import RetentionPolicy, RetentionResult, apply_retention
+from hpcckpt.store.retention import RetentionRules, RetentionResult, apply_retention
 from hpcckpt.store.images import Store, writer_alive
 
 _log = hlog.get("gc")
@@ -64,7 +64,7 @@ def writer_gone(rec: CkptRecord, now: float, *, grace: float, stale_after: float
 def collect_garbage(
     cat: Catalog,
     store: Store,
-    retention: RetentionPolicy | None,
+    retention: RetentionRules | None,
     *,
     dry_run: bool = False,
     grace: float = DEFAULT_GRACE_S,

@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt.context import User, resolve_catalog_url, resolve_store_root
-from hpcckpt.errors import (
-    CatalogError,
-    CorruptImageError,
-    NotFoundError,
-    PermissionDeniedError,
-    UnreadableImageError,
-    UsageError,
-)
+from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError, UsageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.inputs import CKPTID_MAX, CKPTID_MIN, looks_like_ckptid, parse_ckptid
 
 

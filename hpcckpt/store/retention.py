@@ -39,7 +39,7 @@ _log = hlog.get("retention")
 
 
 @dataclass(frozen=True)
-class RetentionPolicy:
+class RetentionRules:
     keep_last: int = 3
     keep_every: int = 0  # 0: off; K: also keep each job's Kth, 2Kth, ... checkpoint
     max_age: float | None = None  # seconds
@@ -59,7 +59,7 @@ class RetentionPolicy:
             raise PolicyError(f"retention.max_bytes must be positive, got {self.max_bytes}")
 
     @classmethod
-    def from_policy(cls, pol: Any) -> RetentionPolicy:
+    def from_policy(cls, pol: Any) -> RetentionRules:
         """From a ``hpcckpt.policy.Policy`` (its ``retention`` section)."""
         r = pol.retention
         return cls(
@@ -100,7 +100,7 @@ def fallback_full(rows: Sequence[CkptRecord], by_id: dict[int, CkptRecord]) -> i
     return None
 
 
-def select_for_deletion(records: Sequence[CkptRecord], policy: RetentionPolicy, now: float) -> list[int]:
+def select_for_deletion(records: Sequence[CkptRecord], policy: RetentionRules, now: float) -> list[int]:
     """The ckptids of committed images that retention removes, ascending.
 
     ``records`` should hold every row of the jobs concerned, deleted ones too:
@@ -189,7 +189,7 @@ class RetentionResult:
 def apply_retention(
     cat: Catalog,
     store: Store,
-    policy: RetentionPolicy,
+    policy: RetentionRules,
     *,
     job_id: str | None = None,
     now: float | None = None,

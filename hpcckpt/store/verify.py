@@ -8,13 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpcckpt.context import User
-from hpcckpt.errors import (
-    EXIT_CORRUPT,
-    EXIT_OK,
-    EXIT_UNREADABLE,
-    HpcckptError,
-    UnreadableImageError,
-)
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_CORRUPT, EXIT_OK, EXIT_UNREADABLE
+from hpcckpt.image.errors import UnreadableImageError
 from hpcckpt.store.binding import check_bound
 from hpcckpt.image.reader import verify_image
 from hpcckpt.store.resolve import Lookup, catalog_lookup, parent_resolver, resolve_image

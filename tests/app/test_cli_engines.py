@@ -29,7 +29,7 @@ import pytest
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_REQUEUE, EXIT_USAGE
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_USAGE
 from hpcckpt.core.runner.control import socket_path
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 from hpcckpt.catalog import Catalog
 from hpcckpt.cli.main import main
 from hpcckpt.context import User
-from hpcckpt.errors import EXIT_CATALOG, EXIT_PERMISSION
+from hpcckpt.exitcodes import EXIT_CATALOG, EXIT_PERMISSION
 from hpcckpt.store.images import Store
 from tests.security.users import REPO, ensure_user, hpcckpt_as, run_as, unreachable_path_component
 

@@ -14,7 +14,7 @@ from hpcckpt.store.check import check_consistency
 from hpcckpt.store.gc import collect_garbage
 from hpcckpt.store.rebuild import rebuild_catalog
 from hpcckpt.context import User
-from hpcckpt.store.retention import RetentionPolicy, apply_retention
+from hpcckpt.store.retention import RetentionRules, apply_retention
 from hpcckpt.store.images import Store
 
 image = pytest.importorskip("hpcckpt.image")
@@ -48,7 +48,7 @@ def _populate(cat: Catalog, store: Store, tmp_path: Path) -> None:
         raise RuntimeError("engine failed")
     for _ in range(3):
         _publish_real(cat, store, src, "300")
-    apply_retention(cat, store, RetentionPolicy(keep_last=1), job_id="300")
+    apply_retention(cat, store, RetentionRules(keep_last=1), job_id="300")
 
 
 def _committed(cat: Catalog) -> list[tuple[Any, ...]]:
@@ -125,16 +125,16 @@ def test_gc_removes_leftovers_but_never_untracked_images(cat: Catalog, store_roo
     other = cat.begin(job_id="5", uid=me.uid, user=me.name, node="far", engine="files",
                       meta={"writer": {"node": "far-away-node", "pid": 1, "start": 0}})
 
-    dry = collect_garbage(cat, store, RetentionPolicy(), dry_run=True, grace=60)
+    dry = collect_garbage(cat, store, RetentionRules(), dry_run=True, grace=60)
     assert [f["path"] for f in dry.removed_files] == [str(tmp)] and tmp.exists()
 
-    report = collect_garbage(cat, store, RetentionPolicy(), grace=60)
+    report = collect_garbage(cat, store, RetentionRules(), grace=60)
     assert not tmp.exists() and fresh_tmp.exists() and untracked.exists()
     assert report.failed_rows == []
     rec = cat.get(other)
     assert rec is not None and rec.status is Status.WRITING
 
-    later = collect_garbage(cat, store, RetentionPolicy(), stale_after=10, now=time.time() + 60)
+    later = collect_garbage(cat, store, RetentionRules(), stale_after=10, now=time.time() + 60)
     assert later.failed_rows == [other]
     rec = cat.get(other)
     assert rec is not None and rec.status is Status.FAILED and "gc" in rec.error

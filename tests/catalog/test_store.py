@@ -163,7 +163,7 @@ def test_root_never_writes_through_a_users_planted_journal_link(store_root: Path
 
 def test_companion_files_live_and_die_with_their_checkpoint(cat: Catalog, store_root: Path, me: User) -> None:
     from hpcckpt.store.gc import collect_garbage
-    from hpcckpt.store.retention import RetentionPolicy, apply_retention
+    from hpcckpt.store.retention import RetentionRules, apply_retention
     from hpcckpt.store.images import parse_image_name, parse_store_name
 
     assert parse_image_name("ckpt-7.hck") == 7
@@ -183,12 +183,12 @@ def test_companion_files_live_and_die_with_their_checkpoint(cat: Catalog, store_
     assert sorted(e.ckptid or 0 for e in entries if e.companion) == sorted([i for i in ids for _ in range(2)])
 
     # Retention deletes the oldest checkpoint with its shards, nothing else.
-    apply_retention(cat, store, RetentionPolicy(keep_last=2), job_id="app")
+    apply_retention(cat, store, RetentionRules(keep_last=2), job_id="app")
     left = sorted(p.name for p in store.job_dir("app").iterdir())
     assert left == sorted(f"ckpt-{i}{tag}.hck" for i in ids[1:] for tag in ("", ".r0", ".r1"))
 
     # A failed checkpoint's shards go with gc; a committed one's stay.
     cat.fail(ids[1], "bad shard found by verify")
-    collect_garbage(cat, store, RetentionPolicy(keep_last=5), dry_run=False, grace=0)
+    collect_garbage(cat, store, RetentionRules(keep_last=5), dry_run=False, grace=0)
     left = sorted(p.name for p in store.job_dir("app").iterdir())
     assert left == sorted(f"ckpt-{ids[2]}{tag}.hck" for tag in ("", ".r0", ".r1"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import EXIT_REQUEUE, EXIT_RUNNER
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_RUNNER
 from tests.criu.harness import PROGS, REPO, hpcckpt, job_pid, wait_for
 
 pytestmark = [pytest.mark.criu]

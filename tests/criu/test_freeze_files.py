@@ -24,12 +24,12 @@ from hpcckpt.criu import images as criuimg
 
 from hpcckpt.criu import procinfo
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.criu.images import DumpedFile
 from hpcckpt.criu.interface import DumpOptions
 from hpcckpt.criu.engine import Criu
-from hpcckpt.errors import CorruptImageError
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.jobid import JobIdentity
 from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
 from hpcckpt.criu.procinfo import FdState, TreeSnapshot
@@ -181,7 +181,7 @@ def test_stage_leaves_job_running_and_records_the_frozen_size(tmp_path: Path, cr
         store = Store(tmp_path / "store", me)
         job = JobInfo(identity=JobIdentity("freeze", "cli"), user=me, cmdline=["w"], cwd="/", stdio={},
                       interval=None)
-        ck = Checkpointer(engine=Criu.locate(), store=store, catalog=open_catalog(None, store.root, me), job=job,
+        ck = CriuCheckpointer(engine=Criu.locate(), store=store, catalog=open_catalog(None, store.root, me), job=job,
                           options=DumpOptions(), flush=FlushSettings(),
                           publisher=StorePublisher(store, lambda: open_catalog(None, store.root, me)),
                           disk_staging=tmp_path / "staging", tmpfs=None)

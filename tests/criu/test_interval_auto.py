@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import EXIT_REQUEUE
+from hpcckpt.exitcodes import EXIT_REQUEUE
 from hpcckpt.policy.daly import daly_interval
 from tests.criu.harness import PROGS, REPO, hpcckpt, wait_for
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_ENGINE, EXIT_REQUEUE
+from hpcckpt.exitcodes import EXIT_ENGINE, EXIT_REQUEUE
 from tests.criu.harness import PROGS, REPO, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
 pytestmark = [pytest.mark.criu]

@@ -23,7 +23,7 @@ import pytest
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_REQUEUE
+from hpcckpt.exitcodes import EXIT_REQUEUE
 from hpcckpt.core.pipeline.flush import StorePublisher, Write
 from hpcckpt.core.pipeline.staging import StagedCheckpoint
 from hpcckpt.core.runner.control import request

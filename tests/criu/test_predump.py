@@ -1,4 +1,4 @@
-"""Pre-dump with memory tracking, through the Checkpointer, with a fake engine injected.
+"""Pre-dump with memory tracking, through the CriuCheckpointer, with a fake engine injected.
 
 This kernel has no soft-dirty tracking, so real CRIU refuses ``pre-dump
 --track-mem`` here (tests/criu/test_chain_restart.py checks that the probe
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.core.checkpoint import Checkpointer
+from hpcckpt.core.checkpoint import CriuCheckpointer
 from hpcckpt.criu.interface import DumpOptions, DumpResult
 from hpcckpt.errors import EngineError
 from hpcckpt.image import unpack_image, verify_image
@@ -55,7 +55,7 @@ class PreDumping(FileEngine):
         return DumpResult(0.001, images_dir / "dump.log", images_dir)
 
 
-def with_predump(tmp_path: Path, engine: PreDumping) -> Checkpointer:
+def with_predump(tmp_path: Path, engine: PreDumping) -> CriuCheckpointer:
     ck = make(tmp_path, engine)
     ck.predump = PreDumpPlan(True, "criu check --feature mem_dirty_track: available")
     return ck
@@ -112,7 +112,7 @@ def test_a_failing_predump_falls_back_to_a_plain_dump_and_stays_off(tmp_path: Pa
 
 def test_an_engine_without_predump_never_gets_one(tmp_path: Path) -> None:
     ck = make(tmp_path, FileEngine())
-    ck2 = Checkpointer(engine=FileEngine(), store=ck.store, catalog=ck.catalog, job=ck.job, options=DumpOptions(),
+    ck2 = CriuCheckpointer(engine=FileEngine(), store=ck.store, catalog=ck.catalog, job=ck.job, options=DumpOptions(),
                        flush=ck.settings, publisher=ck.publisher, disk_staging=tmp_path / "stage", tmpfs=None,
                        predump=PreDumpPlan(True, "available"))
     assert not ck2.predump.enabled and "no pre-dump" in ck2.predump.reason

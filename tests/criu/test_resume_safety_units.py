@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.criu.images import RecordedPath
-from hpcckpt.errors import CorruptImageError, IncompatibleError, StoreError
+from hpcckpt.errors import IncompatibleError, StoreError
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image import OpenFile
 from hpcckpt.store.binding import check_bound, row_mismatches
 from hpcckpt.image.model import ImageMeta

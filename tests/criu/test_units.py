@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
 from hpcckpt.criu.interface import DumpOptions, DumpResult, RestoreResult
 from hpcckpt.criu.engine import log_excerpt
@@ -130,14 +130,14 @@ def user_name() -> str:
     return current_user().name
 
 
-def make(tmp_path: Path, engine: FailingEngine) -> Checkpointer:
+def make(tmp_path: Path, engine: FailingEngine) -> CriuCheckpointer:
     user = current_user()
     cat = open_catalog(None, tmp_path / "store", user)
     job = JobInfo(identity=resolve("unit", {}), user=user, cmdline=["x"], cwd="/", stdio={}, interval=None)
     (tmp_path / "stage").mkdir()
     store = Store(tmp_path / "store", user)
     pub = StorePublisher(store, lambda: open_catalog(None, store.root, user))
-    return Checkpointer(engine=engine, store=store, catalog=cat, job=job, options=DumpOptions(),
+    return CriuCheckpointer(engine=engine, store=store, catalog=cat, job=job, options=DumpOptions(),
                         flush=FlushSettings(), publisher=pub, disk_staging=tmp_path / "stage", tmpfs=None)
 
 

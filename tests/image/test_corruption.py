@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpcckpt.errors import CorruptImageError, ImageError
+from hpcckpt.image.errors import CorruptImageError, ImageError
 from hpcckpt.image import unpack_image, verify_image
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image import verify_image
 from tests.image.conftest import craft, section

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import ImageError, StoreError
+from hpcckpt.errors import StoreError
+from hpcckpt.image.errors import ImageError
 from hpcckpt.image import (
     OpenFile,
     TaskInfo,

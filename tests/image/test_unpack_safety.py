@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from hpcckpt.errors import CorruptImageError, StoreError, UnsafeImageError, UnsafePathError
+from hpcckpt.errors import StoreError, UnsafePathError
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image import unpack_image, verify_image
 from tests.image.conftest import craft, pack_bytes, section

@@ -16,7 +16,7 @@ import pytest
 from hpcckpt.app.files_engine import SettleWatch
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_REQUEUE
+from hpcckpt.exitcodes import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import pytest
 
 from hpcckpt.catalog import Status, open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.errors import EXIT_MPI, EXIT_REQUEUE
+from hpcckpt.exitcodes import EXIT_MPI, EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "mpi_integrate.py"

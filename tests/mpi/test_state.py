@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcckpt.app import state
-from hpcckpt.errors import CorruptImageError, UsageError
+from hpcckpt.errors import UsageError
+from hpcckpt.image.errors import CorruptImageError
 
 
 def roundtrip(obj: Any) -> Any:

@@ -9,7 +9,7 @@ from hpcckpt.context import User
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.core.pipeline.chain import decide_chain
 from hpcckpt.core.pipeline.flush import Flusher, FlushSettings, StorePublisher
-from hpcckpt.store.retention import RetentionPolicy, chain_of, fallback_full, select_for_deletion
+from hpcckpt.store.retention import RetentionRules, chain_of, fallback_full, select_for_deletion
 from tests.pipeline.conftest import memory, stage
 
 NOW = 1_000_000.0
@@ -47,7 +47,7 @@ def simulate(n: int, *, full_every: int, keep_last: int) -> list[CkptRecord]:
             parent = d.parent.ckptid if d.parent is not None else None
         depth[c] = 0 if parent is None else depth[parent] + 1
         rows.append(rec(c, parent))
-        victims = set(select_for_deletion(rows, RetentionPolicy(keep_last=keep_last, fallback_full=True), NOW))
+        victims = set(select_for_deletion(rows, RetentionRules(keep_last=keep_last, fallback_full=True), NOW))
         rows = [rec(r.ckptid, r.parent, Status.DELETED) if r.ckptid in victims else r for r in rows]
     return rows
 
@@ -77,8 +77,8 @@ def test_retention_keeps_the_newest_full_image_outside_the_newest_chain() -> Non
     rows = [rec(1), rec(2, 1), rec(3), rec(4, 3), rec(5, 4)]
     by_id = {r.ckptid: r for r in rows}
     assert fallback_full(rows, by_id) == 1
-    assert select_for_deletion(rows, RetentionPolicy(keep_last=1, fallback_full=True), NOW) == [2]
-    assert select_for_deletion(rows, RetentionPolicy(keep_last=1), NOW) == [1, 2]  # the rule off: only the chain
+    assert select_for_deletion(rows, RetentionRules(keep_last=1, fallback_full=True), NOW) == [2]
+    assert select_for_deletion(rows, RetentionRules(keep_last=1), NOW) == [1, 2]  # the rule off: only the chain
     # A corrupt full image is no fallback: the next older one is.
     rows = [rec(1), rec(2), rec(3, status=Status.CORRUPT), rec(4), rec(5, 4)]
     assert fallback_full(rows, {r.ckptid: r for r in rows}) == 2

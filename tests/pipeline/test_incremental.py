@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image, verify_image
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import GIVE_UP_AFTER, Adaptive

@@ -18,7 +18,8 @@ import pytest
 
 from hpcckpt.criu.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, lazy_ranges, read_pagemaps
 from hpcckpt.criu.pageserver import PS_IOV_ADD_F, PS_IOV_FORCE_CLOSE, PS_IOV_GET, PSI, PageServer
-from hpcckpt.errors import CorruptImageError, EngineError, UnsupportedImageError
+from hpcckpt.errors import EngineError
+from hpcckpt.image.errors import CorruptImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.lazy import LazyPages
 from hpcckpt.image.stream import prepare_image

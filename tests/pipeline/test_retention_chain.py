@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hpcckpt.catalog import Catalog, Status
 from hpcckpt.context import User
-from hpcckpt.store.retention import RetentionPolicy, apply_retention
+from hpcckpt.store.retention import RetentionRules, apply_retention
 from hpcckpt.store.images import Store
 
 
@@ -19,7 +19,7 @@ def test_parent_in_another_job_is_kept(catalog: Catalog, store: Store, me: User)
     a2 = ckpt(catalog, store, me, "100")
     a3 = ckpt(catalog, store, me, "100")
     b1 = ckpt(catalog, store, me, "200", parent=a1)  # restarted as job 200 from a1, incremental on it
-    res = apply_retention(catalog, store, RetentionPolicy(keep_last=1), job_id="100")
+    res = apply_retention(catalog, store, RetentionRules(keep_last=1), job_id="100")
     assert [r.ckptid for r in res.deleted] == [a2]
     assert {r.ckptid: r.status for r in catalog.list(None, include_deleted=True)} == {
         a1: Status.COMMITTED, a2: Status.DELETED, a3: Status.COMMITTED, b1: Status.COMMITTED}
@@ -31,7 +31,7 @@ def test_whole_chain_of_a_kept_image_is_kept(catalog: Catalog, store: Store, me:
     c3 = ckpt(catalog, store, me, "300", parent=c2)
     c4 = ckpt(catalog, store, me, "300")  # a full image starts a new chain
     c5 = ckpt(catalog, store, me, "300", parent=c4)
-    res = apply_retention(catalog, store, RetentionPolicy(keep_last=2), job_id="300")
+    res = apply_retention(catalog, store, RetentionRules(keep_last=2), job_id="300")
     assert sorted(r.ckptid for r in res.deleted) == [c1, c2, c3]
-    res = apply_retention(catalog, store, RetentionPolicy(keep_last=1), job_id="300")
+    res = apply_retention(catalog, store, RetentionRules(keep_last=1), job_id="300")
     assert res.deleted == [] and catalog.latest("300").ckptid == c5  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from hpcckpt.cli.main import main
-from hpcckpt.errors import EXIT_OK, EXIT_POLICY
+from hpcckpt.exitcodes import EXIT_OK, EXIT_POLICY
 from hpcckpt.policy import Policy, build_policy
 from hpcckpt.policy.model import SECTION_CLASSES
 from hpcckpt.policy.schema import FIELDS, SECTIONS

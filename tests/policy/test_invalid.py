@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import EXIT_POLICY
+from hpcckpt.exitcodes import EXIT_POLICY
 from hpcckpt.policy import PolicyInvalidError, build_policy
 
 CASES: list[tuple[str, str, str, list[str]]] = [

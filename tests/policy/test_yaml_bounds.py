@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import EXIT_POLICY
+from hpcckpt.exitcodes import EXIT_POLICY
 from hpcckpt.policy import build_policy
 from hpcckpt.policy.diagnostics import PolicyInvalidError
 from hpcckpt.policy.source import MAX_ALIASES, MAX_DEPTH, MAX_NODES, parse_yaml

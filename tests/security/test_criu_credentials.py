@@ -14,7 +14,7 @@ from hpcckpt.criu import images as criuimg
 
 from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
-from hpcckpt.errors import UnsafeImageError
+from hpcckpt.image.errors import UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.conftest import CRIU
 from tests.security.users import UnixUser, popen_credentials

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.criu import images as criuimg
-from hpcckpt.errors import CorruptImageError, UnsafeImageError
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from tests.security import pbcraft as pb
 
 ALICE, ALICE_GID = 1001, 1001

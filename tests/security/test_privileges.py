@@ -12,7 +12,8 @@ import pytest
 
 from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
-from hpcckpt.errors import PermissionDeniedError, UnsafeImageError
+from hpcckpt.errors import PermissionDeniedError
+from hpcckpt.image.errors import UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.users import UnixUser, popen_credentials
 

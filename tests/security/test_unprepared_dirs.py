@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.errors import EXIT_STORE
+from hpcckpt.exitcodes import EXIT_STORE
 from tests.security.users import REPO, UnixUser, hpcckpt_as, run_as, venv_bin
 
 pytestmark = pytest.mark.multiuser

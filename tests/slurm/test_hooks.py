@@ -209,10 +209,10 @@ def test_restart_never_requeues_a_run_that_has_already_started(tmp_path: Path, u
 
     Requeueing then would kill the new run (seen on the real cluster: SIGTERM one second after the restart).
     """
-    from hpcckpt.slurm.restart_policy import Action, Kind, RestartDecision
+    from hpcckpt.slurm.restart_policy import Action, RestartKind, RestartDecision
 
     fake.jobs[JOB]["JobState"] = "RUNNING"  # the next run, already going
-    decision = RestartDecision(Action.REQUEUE, Kind.VOLUNTARY, "exit 85", 0, [])
+    decision = RestartDecision(Action.REQUEUE, RestartKind.VOLUNTARY, "exit 85", 0, [])
     assert hooks.apply_decision(deps_for(tmp_path, fake), JOB, decision) is True
     assert fake.calls == [], "no requeue and no update of a job that runs again"
     fake.jobs[JOB]["JobState"] = "FAILED"  # not back yet: then it is requeued and released

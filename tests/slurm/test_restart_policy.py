@@ -10,7 +10,7 @@ from hpcckpt.slurm.restart_policy import (
     MAX_EXCLUDED_NODES,
     Action,
     JobOutcome,
-    Kind,
+    RestartKind,
     RestartRules,
     decide,
 )
@@ -20,7 +20,7 @@ RULES = RestartRules(max_restarts=2, backoff=10, exclude_failed_node=True, reque
 
 def test_completed_job_is_left_alone() -> None:
     d = decide(RULES, JobOutcome(state="COMPLETED", exit_code=0, has_checkpoint=True))
-    assert d.action is Action.NONE and d.kind is Kind.FINAL
+    assert d.action is Action.NONE and d.kind is RestartKind.FINAL
 
 
 def test_application_failure_is_not_restarted() -> None:
@@ -38,7 +38,7 @@ def test_node_failure_requeues_and_excludes_the_node() -> None:
     out = JobOutcome(state="NODE_FAIL", has_checkpoint=True, nodes=["node1"], failed_nodes=["node1"],
                      excluded=["node7"])
     d = decide(RULES, out)
-    assert d.action is Action.REQUEUE and d.kind is Kind.FAILURE
+    assert d.action is Action.REQUEUE and d.kind is RestartKind.FAILURE
     assert d.exclude == ["node7", "node1"]
     assert d.delay == 10
 
@@ -53,7 +53,7 @@ def test_slurm_requeued_after_node_failure_gets_adjusted() -> None:
 def test_voluntary_requeue_does_not_count_or_exclude() -> None:
     out = JobOutcome(state="PENDING", exit_code=85, prior_failures=99, nodes=["node1"])
     d = decide(RULES, out)
-    assert d.action is Action.ADJUST and d.kind is Kind.VOLUNTARY
+    assert d.action is Action.ADJUST and d.kind is RestartKind.VOLUNTARY
     assert d.exclude == [] and d.delay == 10
 
 
@@ -84,7 +84,7 @@ def test_no_requeue_without_image_permission_or_policy() -> None:
 
 def test_timeout_without_final_image_restarts_from_periodic_one() -> None:
     d = decide(RULES, JobOutcome(state="TIMEOUT", has_checkpoint=True))
-    assert d.action is Action.REQUEUE and d.kind is Kind.FAILURE
+    assert d.action is Action.REQUEUE and d.kind is RestartKind.FAILURE
 
 
 def test_exclusion_list_is_bounded() -> None:
@@ -102,7 +102,7 @@ def test_exclusion_list_is_bounded() -> None:
 )
 def test_failures_never_exceed_the_limit(state: str, code: int | None, prior: int, ckpt: bool) -> None:
     d = decide(RULES, JobOutcome(state=state, exit_code=code, prior_failures=prior, has_checkpoint=ckpt))
-    if d.restarts and d.kind is Kind.FAILURE:
+    if d.restarts and d.kind is RestartKind.FAILURE:
         assert prior + 1 <= RULES.max_restarts
     if d.action is Action.REQUEUE:
         assert ckpt

@@ -3,9 +3,9 @@
 Three engines implement it:
 
 * ``criu`` (transparent): :class:`CriuEngine` here, over
-  :class:`hpcckpt.core.checkpoint.Checkpointer`; the job is frozen and dumped;
+  :class:`hpcckpt.core.checkpoint.CriuCheckpointer`; the job is frozen and dumped;
 * ``files`` (a program's own restart files) and ``api`` (a program that
-  uses ``hpcckpt.Checkpointer``): in :mod:`hpcckpt.app`, which the CLI
+  uses ``hpcckpt.CriuCheckpointer``): in :mod:`hpcckpt.app`, which the CLI
   hands in (this package never imports it: the dependencies go one way).
 
 The Runner owns the schedule (interval and ``auto``), the signals, the
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from hpcckpt.catalog import Catalog
-from hpcckpt.core.checkpoint import Checkpointer, CheckpointResult
+from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult
 from hpcckpt.context import User
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.policy import Policy
@@ -108,12 +108,12 @@ EngineFactory = Callable[[EngineSetup], LaunchingEngine]
 
 
 class CriuEngine:
-    """The transparent engine: :class:`hpcckpt.core.checkpoint.Checkpointer` seen through :class:`JobEngine`."""
+    """The transparent engine: :class:`hpcckpt.core.checkpoint.CriuCheckpointer` seen through :class:`JobEngine`."""
 
     name = "criu"
     poll_s: float | None = None
 
-    def __init__(self, ckpt: Checkpointer) -> None:
+    def __init__(self, ckpt: CriuCheckpointer) -> None:
         self.ckpt = ckpt
 
     @property

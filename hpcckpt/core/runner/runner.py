@@ -48,8 +48,9 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.criu import procinfo
-from hpcckpt.core.checkpoint import Checkpointer, CheckpointResult, signal_tree
-from hpcckpt.errors import EXIT_REQUEUE, EXIT_STORE, HpcckptError
+from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult, signal_tree
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_STORE
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.core.runner.control import ControlServer, reply
 from hpcckpt.core.runner.engines import CriuEngine, JobEngine
@@ -178,12 +179,12 @@ class RunnerConfig:
 
 
 class Runner:
-    """Drives one job under any engine (:mod:`hpcckpt.core.runner.engines`): a CRIU Checkpointer, or an app engine."""
+    """Drives one job under any engine (:mod:`hpcckpt.core.runner.engines`): a CRIU CriuCheckpointer, or an app engine."""
 
-    def __init__(self, cfg: RunnerConfig, checkpointer: Checkpointer | JobEngine, control: ControlServer | None,
+    def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer | JobEngine, control: ControlServer | None,
                  signals: SignalQueue | None = None) -> None:
         self.cfg = cfg
-        self.engine: JobEngine = CriuEngine(checkpointer) if isinstance(checkpointer, Checkpointer) else checkpointer
+        self.engine: JobEngine = CriuEngine(checkpointer) if isinstance(checkpointer, CriuCheckpointer) else checkpointer
         self.control = control
         self.signals = signals or SignalQueue(cfg.signals)
         self.engine.notify = self.signals.wake
@@ -201,9 +202,9 @@ class Runner:
         self.relaunch: Callable[[], tuple[int, int, int] | None] | None = None
 
     @property
-    def ckpt(self) -> Checkpointer:
+    def ckpt(self) -> CriuCheckpointer:
         """The CRIU pipeline (what the lazy-restore watch and the session reach into); criu engine only."""
-        assert isinstance(self.engine, CriuEngine), f"the {self.engine.name} engine has no CRIU Checkpointer"
+        assert isinstance(self.engine, CriuEngine), f"the {self.engine.name} engine has no CRIU CriuCheckpointer"
         return self.engine.ckpt
 
     # -- set-up --------------------------------------------------------------

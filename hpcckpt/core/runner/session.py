@@ -36,11 +36,12 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
-from hpcckpt.core.checkpoint import Checkpointer, JobInfo
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
 from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
 from hpcckpt.criu.engine import Criu
-from hpcckpt.errors import EXIT_REQUEUE, HpcckptError, JobFinishedError, NotFoundError, UsageError
+from hpcckpt.errors import HpcckptError, JobFinishedError, NotFoundError, UsageError
+from hpcckpt.exitcodes import EXIT_REQUEUE
 from hpcckpt.image.parent import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
 from hpcckpt.core.lease import DEFAULT_TTL_S, Lease, LeaseRecord, LeaseState, acquire
@@ -52,7 +53,7 @@ from hpcckpt.policy import Policy, load_policy
 from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
 from hpcckpt.core.resume import Restored, Resumer
-from hpcckpt.store.retention import RetentionPolicy, apply_retention
+from hpcckpt.store.retention import RetentionRules, apply_retention
 from hpcckpt.core.runner import lazywatch
 from hpcckpt.core.launch import scratch
 from hpcckpt.core.runner.control import ControlServer
@@ -209,13 +210,13 @@ def _chain_parent(env: Environment, restored: Restored | None) -> ParentIndex | 
 def _runner(env: Environment, opts: SessionOptions, ident: JobIdentity, job: JobInfo, signals: SignalQueue, *,
             parent: ParentIndex | None = None, publisher: PublisherFactory | None = None) -> Runner:
     pol = env.policy
-    retention = RetentionPolicy.from_policy(pol)
+    retention = RetentionRules.from_policy(pol)
 
     def apply(cat: Catalog) -> None:
         apply_retention(cat, env.store, retention, job_id=ident.job_id)
 
     codec = str(pol.storage.compression.codec)
-    ckpt = Checkpointer(
+    ckpt = CriuCheckpointer(
         engine=env.engine, store=env.store, catalog=env.catalog, job=job, options=DumpOptions.from_policy(pol),
         flush=FlushSettings.from_policy(pol, workers=compression_workers(codec)),
         publisher=(publisher or store_publisher)(env), disk_staging=disk_staging_base(env), parent=parent,
