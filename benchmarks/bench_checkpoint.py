@@ -29,13 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
-from hpcckpt.criu.interface import DumpOptions
-from hpcckpt.criu.engine import Criu
-from hpcckpt.jobid import resolve
-from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.core.launch.spawn import StdioPipes, spawn_in_pid_namespace
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.jobid import resolve
 from hpcckpt.store.images import Store
 
 HOLDER = """

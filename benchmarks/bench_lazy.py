@@ -39,12 +39,12 @@ from pathlib import Path
 
 from benchmarks.bench_pipeline import criu_raw, drop_caches, kill_and_wait, load, spawn
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import User, current_user
-from hpcckpt.criu.interface import DumpOptions
-from hpcckpt.criu.engine import Criu
-from hpcckpt.jobid import JobIdentity
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.jobid import JobIdentity
 from hpcckpt.store.images import Store
 
 MiB = 1 << 20

@@ -36,14 +36,14 @@ from pathlib import Path
 import psutil
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult, JobInfo
 from hpcckpt.context import User, current_user
-from hpcckpt.criu.interface import DumpOptions
-from hpcckpt.criu.engine import Criu
-from hpcckpt.image import ImageMeta, pack_dir
-from hpcckpt.jobid import JobIdentity
+from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer, JobInfo
 from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
 from hpcckpt.core.resume import Resumer
+from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import DumpOptions
+from hpcckpt.image import ImageMeta, pack_dir
+from hpcckpt.jobid import JobIdentity
 from hpcckpt.store.images import Store
 
 MiB = 1 << 20

@@ -1,56 +1,30 @@
-"""Every error hpcckpt raises, with its exit code, in one place.
+"""Every error hpcckpt raises, each a class with its exit code (the codes: :mod:`hpcckpt.exitcodes`).
 
-Exit codes (also in docs/cli.md):
+The image's own errors (corrupt, unsupported, unreadable, unsafe) are in
+:mod:`hpcckpt.image.errors`, with the format they guard.
 
-====  ===============================================================
- 0    success
- 1    unexpected internal error (a bug: please report it)
- 2    usage error (bad command-line arguments)
- 3    policy or configuration error
- 4    image is corrupt (checksum, length, magic or structure), or records a failed checkpoint
- 5    image is unreadable (missing, not a regular file, I/O error)
- 6    catalog error
- 7    store error (cannot write, disk full, unsafe path)
- 8    checkpoint engine error (CRIU missing, failed dump/restore)
- 9    restore refused: this node or the job's files do not match the image
-10    permission denied: not the owner of the job or checkpoint, or not allowed to read its image
-11    not found: no such job or checkpoint
-12    Slurm error
-13    MPI / application-assisted checkpoint error
-14    the job's runner cannot be reached
-15    the job is already running (its lease is held by a live runner)
-16    the job already ended on its own: resuming it needs ``--force``
-85    the job was checkpointed and stopped: requeue it
-      (put ``RequeueExit=85`` in slurm.conf so Slurm does it by itself)
-141   the reader of hpcckpt's output went away (``hpcckpt list | head``): 128 + SIGPIPE,
-      as a shell reports any program killed by a closed pipe
-====  ===============================================================
-
-A job that runs to its end exits with its own status, and a job killed by
-signal N exits with 128+N, as a shell would report it.
+``str(err)`` is the message, naming the file, line or offset where known;
+``hint`` says what to do next. The CLI prints both and exits with the code.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_POLICY = 3
-EXIT_CORRUPT = 4
-EXIT_UNREADABLE = 5
-EXIT_CATALOG = 6
-EXIT_STORE = 7
-EXIT_ENGINE = 8
-EXIT_INCOMPATIBLE = 9
-EXIT_PERMISSION = 10
-EXIT_NOT_FOUND = 11
-EXIT_SLURM = 12
-EXIT_MPI = 13
-EXIT_RUNNER = 14
-EXIT_JOB_RUNNING = 15
-EXIT_JOB_FINISHED = 16
-EXIT_REQUEUE = 85
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+from hpcckpt.exitcodes import (
+    EXIT_CATALOG,
+    EXIT_ENGINE,
+    EXIT_INCOMPATIBLE,
+    EXIT_INTERNAL,
+    EXIT_JOB_FINISHED,
+    EXIT_JOB_RUNNING,
+    EXIT_MPI,
+    EXIT_NOT_FOUND,
+    EXIT_PERMISSION,
+    EXIT_POLICY,
+    EXIT_RUNNER,
+    EXIT_SLURM,
+    EXIT_STORE,
+    EXIT_USAGE,
+)
 
 
 class HpcckptError(Exception):
@@ -81,67 +55,6 @@ class PolicyError(HpcckptError):
     """A policy file or setting is invalid, or tries to override a site lock."""
 
     exit_code = EXIT_POLICY
-
-
-class ImageError(HpcckptError):
-    """Base for image problems."""
-
-    exit_code = EXIT_CORRUPT
-
-
-class CorruptImageError(ImageError):
-    """The image's bytes are wrong: bad magic, length, checksum or structure.
-
-    ``offset`` is the byte offset in the file, ``record`` the record index and
-    ``rtype`` the record type name, where known.
-    """
-
-    exit_code = EXIT_CORRUPT
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        offset: int | None = None,
-        record: int | None = None,
-        rtype: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        where = []
-        if path is not None:
-            where.append(str(path))
-        if offset is not None:
-            where.append(f"offset {offset}")
-        if record is not None:
-            where.append(f"record {record}" + (f" ({rtype})" if rtype else ""))
-        full = f"{', '.join(where)}: {message}" if where else message
-        super().__init__(
-            full,
-            hint=hint
-            or "the image cannot be trusted; resume from an older checkpoint (hpcckpt list JOBID) "
-            "and run 'hpcckpt verify' on it",
-        )
-        self.path = path
-        self.offset = offset
-        self.record = record
-        self.rtype = rtype
-
-
-class UnsupportedImageError(ImageError):
-    """A well-formed image of a format version this hpcckpt does not understand."""
-
-    exit_code = EXIT_CORRUPT
-
-
-class UnreadableImageError(ImageError):
-    exit_code = EXIT_UNREADABLE
-
-
-class UnsafeImageError(ImageError):
-    """The image is intact but its content is refused (path traversal, devices, foreign uids)."""
-
-    exit_code = EXIT_CORRUPT
 
 
 class CatalogError(HpcckptError):

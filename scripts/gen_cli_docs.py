@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpcckpt import errors  # noqa: E402
+from hpcckpt import exitcodes  # noqa: E402
 from hpcckpt.cli.main import build_parser  # noqa: E402
 
 HEADER = """\
@@ -69,7 +69,7 @@ def render() -> str:
     # A fixed width, so the file does not depend on the terminal that made it.
     os.environ["COLUMNS"] = "100"
     parser = build_parser()
-    doc = (errors.__doc__ or "").split("\n\n", 1)[1].strip()
+    doc = (exitcodes.__doc__ or "").split("\n\n", 1)[1].strip()
     parts = [HEADER + "```text\n" + doc + "\n```\n", f"## hpcckpt\n\n```text\n{_help_text(parser)}\n```\n"]
     _walk(parser, (), parts)
     return "\n".join(parts)

@@ -13,6 +13,8 @@ echo "[test] ruff" >&2
 "$VENV/bin/ruff" check hpcckpt tests benchmarks scripts examples
 echo "[test] mypy" >&2
 "$VENV/bin/mypy"
+echo "[test] import-linter: layers one way, no import cycles (.importlinter)" >&2
+"$VENV/bin/lint-imports"
 echo "[test] fuzzing the image reader, the policy loader and the command line" >&2
 "$VENV/bin/python" -m tests.fuzz.fuzz_image --seconds "${HPCCKPT_FUZZ_SECONDS:-60}"
 "$VENV/bin/python" -m tests.fuzz.fuzz_policy --seconds "${HPCCKPT_FUZZ_POLICY_SECONDS:-30}"

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.exitcodes import EXIT_BROKEN_PIPE, EXIT_CATALOG, EXIT_ENGINE, EXIT_PERMISSION, EXIT_STORE, EXIT_UNREADABLE, EXIT_USAGE
+from hpcckpt.exitcodes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CATALOG,
+    EXIT_ENGINE,
+    EXIT_PERMISSION,
+    EXIT_STORE,
+    EXIT_UNREADABLE,
+    EXIT_USAGE,
+)
 from hpcckpt.inputs import CKPTID_MAX
 
 REPO = Path(__file__).resolve().parents[1]

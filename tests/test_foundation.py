@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import hpcckpt
-from hpcckpt import errors
+from hpcckpt import errors, exitcodes
 from hpcckpt.cli.main import SUBCOMMANDS, build_parser, main
+from hpcckpt.image import errors as image_errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,10 +64,11 @@ def test_every_command_has_help_with_examples(command: tuple[str, ...], capsys: 
 
 
 def test_error_classes_have_documented_exit_codes() -> None:
-    doc = errors.__doc__ or ""
+    doc = exitcodes.__doc__ or ""
     classes = [
         obj
-        for obj in vars(errors).values()
+        for module in (errors, image_errors)
+        for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, errors.HpcckptError)
     ]
     assert len(classes) > 10
@@ -77,7 +79,7 @@ def test_error_classes_have_documented_exit_codes() -> None:
 
 def test_doctor_without_criu_names_criu_and_how_to_get_it(tmp_path: Path) -> None:
     proc = hpcckpt_cli("doctor", "--store", str(tmp_path), env={"HPCCKPT_CRIU": "/nonexistent"})
-    assert proc.returncode == errors.EXIT_ENGINE
+    assert proc.returncode == exitcodes.EXIT_ENGINE
     out = proc.stdout + proc.stderr
     assert "/nonexistent" in out
     assert "criu" in out.lower()
@@ -86,7 +88,7 @@ def test_doctor_without_criu_names_criu_and_how_to_get_it(tmp_path: Path) -> Non
 
 def test_doctor_json_without_criu(tmp_path: Path) -> None:
     proc = hpcckpt_cli("doctor", "--json", "--store", str(tmp_path), env={"HPCCKPT_CRIU": "/nonexistent"})
-    assert proc.returncode == errors.EXIT_ENGINE
+    assert proc.returncode == exitcodes.EXIT_ENGINE
     doc = json.loads(proc.stdout)
     assert doc["ok"] is False
     criu = next(c for c in doc["checks"] if c["name"] == "criu")
@@ -129,7 +131,7 @@ def test_logs_are_json_lines_off_a_terminal() -> None:
 
 def test_usage_error_exit_code() -> None:
     proc = hpcckpt_cli("no-such-command")
-    assert proc.returncode == errors.EXIT_USAGE
+    assert proc.returncode == exitcodes.EXIT_USAGE
 
 
 def test_cli_reference_is_up_to_date() -> None:

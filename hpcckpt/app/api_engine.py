@@ -29,9 +29,9 @@ from hpcckpt import log as hlog
 from hpcckpt.app import launched
 from hpcckpt.app.requests import CHECKPOINT, ENV, STOP, RequestWriter
 from hpcckpt.core.checkpoint import CheckpointResult
-from hpcckpt.errors import DeadlineExceededError, HpcckptError
 from hpcckpt.core.runner.control import socket_path
 from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
+from hpcckpt.errors import DeadlineExceededError, HpcckptError
 
 _log = hlog.get("app.api")
 # An explicit checkpoint waited for without a deadline (async_flush off) gives up after this long.

@@ -13,9 +13,9 @@ from typing import Any
 from hpcckpt.app.api_engine import api_engine
 from hpcckpt.app.files_engine import files_engine
 from hpcckpt.app.signals import signal_number
-from hpcckpt.errors import UsageError
 from hpcckpt.core.runner.engines import EngineFactory
 from hpcckpt.core.runner.relaunch import launch_record
+from hpcckpt.errors import UsageError
 
 
 def engine_record(argv: Sequence[str], cwd: str, env: Mapping[str, str], *, app_files: Sequence[str],

@@ -44,11 +44,11 @@ from hpcckpt import log as hlog
 from hpcckpt.app import launched, shards
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.signals import signal_number
-from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.context import User
+from hpcckpt.core.checkpoint import CheckpointResult
+from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, UsageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
-from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
 
 _log = hlog.get("app.files")
 

@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.criu import procinfo
 from hpcckpt.catalog import CkptRecord
 from hpcckpt.core.checkpoint import CheckpointResult
-from hpcckpt.errors import HpcckptError, UsageError
 from hpcckpt.core.runner.engines import EngineSetup, Launched, Result
+from hpcckpt.criu import procinfo
+from hpcckpt.errors import HpcckptError, UsageError
 
 PR_SET_PDEATHSIG = 1
 _ERRNO = struct.Struct("<i")

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt.app import state as state_codec
 from hpcckpt.errors import StoreError, UsageError
-from hpcckpt.image.errors import CorruptImageError
+from hpcckpt.fs import safe as fsutil
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image
+from hpcckpt.image.errors import CorruptImageError
 
 MANIFEST_FORMAT = "hpcckpt-app-manifest"
 MANIFEST_VERSION = 1

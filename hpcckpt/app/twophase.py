@@ -33,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.app import shards
 from hpcckpt.app.coord import Coordinator
 from hpcckpt.errors import HpcckptError, MPIError
+from hpcckpt.fs import safe as fsutil
 from hpcckpt.image import ImageMeta
 
 _log = hlog.get("app")

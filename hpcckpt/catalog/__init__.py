@@ -13,9 +13,8 @@ from hpcckpt.catalog.base import Catalog
 from hpcckpt.catalog.model import CkptRecord, Status
 from hpcckpt.context import User
 from hpcckpt.errors import StoreError
+from hpcckpt.fs.layout import CATALOG_FILE, StoreLayout
 from hpcckpt.fs.safe import ensure_private_dir, is_safe_component
-
-CATALOG_FILE = "catalog.sqlite"
 
 __all__ = ["CATALOG_FILE", "Catalog", "CkptRecord", "Status", "is_postgres_url", "open_catalog", "sqlite_path"]
 
@@ -27,7 +26,7 @@ def is_postgres_url(url: str | None) -> bool:
 def sqlite_path(store_root: Path, user: User) -> Path:
     if not is_safe_component(user.name):
         raise StoreError(f"user name {user.name!r} cannot be a directory name")
-    return Path(store_root) / user.name / CATALOG_FILE
+    return StoreLayout(Path(store_root)).catalog_file(user)
 
 
 def open_catalog(url: str | None, store_root: Path, user: User) -> Catalog:

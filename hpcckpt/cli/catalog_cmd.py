@@ -6,15 +6,15 @@ import argparse
 import sys
 from typing import Any
 
-from hpcckpt.catalog import pg_security
-from hpcckpt.catalog import is_postgres_url
-from hpcckpt.store.access import has_catalog, load_setup, opened, target_users
-from hpcckpt.store.check import check_consistency
-from hpcckpt.store.rebuild import rebuild_catalog
+from hpcckpt.catalog import is_postgres_url, pg_security, pg_setup
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.errors import UsageError
 from hpcckpt.exitcodes import EXIT_CATALOG, EXIT_OK
+from hpcckpt.store.access import has_catalog, target_users
+from hpcckpt.store.check import check_consistency
+from hpcckpt.store.rebuild import rebuild_catalog
+from hpcckpt.store.site import Site
 
 HELP = """\
 Compare the catalog with the images in the store, or rebuild it from them.
@@ -96,14 +96,14 @@ def _register_pg_setup(csub: Any) -> None:
 
 
 def run_pg_setup(args: argparse.Namespace) -> int:
-    url = args.url or load_setup(None, None, args.policy).catalog_url
+    url = args.url or Site.load(store=None, catalog=None, policy_file=args.policy).catalog_url
     if not url:
         raise UsageError("no catalog URL: give --url, or set $HPCCKPT_CATALOG or the policy's storage.catalog")
     if not is_postgres_url(url):
         raise UsageError(f"pg-setup is for PostgreSQL catalogs; {url!r} is not a postgresql:// URL",
                          hint="SQLite catalogs are per-user files and need no setup")
     accounts, skipped = pg_security.local_accounts(args.add_user, all_users=args.all_users, min_uid=args.min_uid)
-    report = pg_security.setup_catalog(url, current_user(), add=accounts, remove=args.remove_user,
+    report = pg_setup.setup_catalog(url, current_user(), add=accounts, remove=args.remove_user,
                                        extra_admins=args.admin)
     if args.json:
         print_json(dict(report.to_dict(), skipped=skipped))
@@ -124,13 +124,13 @@ def run_pg_setup(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup = load_setup(args.store, args.catalog, args.policy)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
     docs: list[dict[str, Any]] = []
     rc = EXIT_OK
-    for user in target_users(setup.store_root, current_user(), args.user):
-        if args.catalog_command != "rebuild" and not has_catalog(setup, user):
+    for user in target_users(site.store_root, current_user(), args.user):
+        if args.catalog_command != "rebuild" and not has_catalog(site, user):
             continue
-        with opened(setup, user) as (cat, store):
+        with site.opened(user) as (cat, store):
             if args.catalog_command == "check":
                 findings = check_consistency(cat, store)
                 if findings:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from hpcckpt.core import doctor
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
+from hpcckpt.core import doctor
 from hpcckpt.exitcodes import EXIT_ENGINE, EXIT_OK
+from hpcckpt.store.site import Site
 
 HELP = """\
 Check what checkpointing needs on this node: the CRIU binary, its version and
@@ -38,15 +38,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _policy_store_root(policy_file: str | None) -> str | None:
-    from hpcckpt.policy import load_policy
-
-    return load_policy(user_file=Path(policy_file) if policy_file else None).storage.root
-
-
 def run(args: argparse.Namespace) -> int:
-    policy_root = None if args.store else _policy_store_root(args.policy)
-    inputs = doctor.default_inputs(args.store, args.catalog, policy_root)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
+    inputs = doctor.default_inputs(site)
     checks = doctor.run_checks(inputs)
     ok = doctor.all_required_ok(checks)
     if args.json:

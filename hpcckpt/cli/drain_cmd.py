@@ -69,9 +69,9 @@ def move_options(args: argparse.Namespace) -> MoveOptions:
 
 def run(args: argparse.Namespace) -> int:
     opts = move_options(args)
-    from hpcckpt.context import current_user
     from hpcckpt.cluster.drain import drain_node
     from hpcckpt.cluster.hooks import default_deps
+    from hpcckpt.context import current_user
 
     report = drain_node(default_deps(), args.node, args.reason, current_user(), opts)
     if args.json:

@@ -6,14 +6,15 @@ import argparse
 import sys
 from typing import Any
 
-from hpcckpt.store.access import has_catalog, load_setup, opened, target_users
-from hpcckpt.store.gc import DEFAULT_GRACE_S, DEFAULT_STALE_AFTER_S, GcReport, collect_garbage
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.errors import UsageError
 from hpcckpt.exitcodes import EXIT_OK, EXIT_STORE
 from hpcckpt.humanize import human_size
 from hpcckpt.policy.units import parse_duration
+from hpcckpt.store.access import has_catalog, target_users
+from hpcckpt.store.gc import DEFAULT_GRACE_S, DEFAULT_STALE_AFTER_S, GcReport, collect_garbage
+from hpcckpt.store.site import Site
 
 HELP = """\
 Clean the store and apply the retention policy (retention.* in the policy):
@@ -96,16 +97,16 @@ def _duration(flag: str, text: str | None, default: float) -> float:
 def run(args: argparse.Namespace) -> int:
     cli = {f"retention.{key}": getattr(args, key) for key, *_ in _OVERRIDES if getattr(args, key) is not None}
     flags = {f"retention.{key}": flag for key, flag, *_ in _OVERRIDES}
-    setup = load_setup(args.store, args.catalog, args.policy, policy_cli=cli, policy_cli_flags=flags)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy, cli=cli, cli_flags=flags)
     grace = _duration("--grace", args.grace, DEFAULT_GRACE_S)
     stale = _duration("--stale-after", args.stale_after, DEFAULT_STALE_AFTER_S)
     docs: list[dict[str, Any]] = []
     errors = 0
-    for user in target_users(setup.store_root, current_user(), args.user):
-        if not has_catalog(setup, user):
+    for user in target_users(site.store_root, current_user(), args.user):
+        if not has_catalog(site, user):
             continue  # nothing was ever published for this user
-        with opened(setup, user) as (cat, store):
-            rep = collect_garbage(cat, store, setup.retention, dry_run=args.dry_run, grace=grace, stale_after=stale)
+        with site.opened(user) as (cat, store):
+            rep = collect_garbage(cat, store, site.retention, dry_run=args.dry_run, grace=grace, stale_after=stale)
         errors += len(rep.errors)
         if args.json:
             docs.append(dict(rep.to_dict(), user=user.name))

@@ -9,8 +9,8 @@ from typing import Any
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.exitcodes import EXIT_OK
-from hpcckpt.image.errors import ImageError
 from hpcckpt.image import read_header, verify_image
+from hpcckpt.image.errors import ImageError
 from hpcckpt.image.render import render_summary
 from hpcckpt.store.resolve import catalog_lookup, parent_resolver, resolve_image
 

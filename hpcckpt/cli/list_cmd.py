@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 from hpcckpt.catalog import CkptRecord
-from hpcckpt.store.access import has_catalog, load_setup, opened, shared_catalog, target_users
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
 from hpcckpt.humanize import human_size
+from hpcckpt.store.access import has_catalog, target_users
+from hpcckpt.store.site import Site
 
 HELP = """\
 List checkpoints, oldest first: their id, job, state (writing, committed,
@@ -44,16 +45,16 @@ def register(sub: Any) -> None:
 
 
 def collect(args: argparse.Namespace) -> list[CkptRecord]:
-    setup = load_setup(args.store, args.catalog, args.policy)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
     acting = current_user()
-    if shared_catalog(setup) and acting.is_root and args.user is None:
-        with opened(setup, acting) as (cat, _):
+    if site.shared_catalog and acting.is_root and args.user is None:
+        with site.opened(acting) as (cat, _):
             return cat.list(args.job_id, include_deleted=args.all)
     rows: list[CkptRecord] = []
-    for user in target_users(setup.store_root, acting, args.user):
-        if not has_catalog(setup, user):
+    for user in target_users(site.store_root, acting, args.user):
+        if not has_catalog(site, user):
             continue
-        with opened(setup, user) as (cat, _):
+        with site.opened(user) as (cat, _):
             rows.extend(cat.list(args.job_id, uid=user.uid, include_deleted=args.all))
     return sorted(rows, key=lambda r: r.ckptid)
 

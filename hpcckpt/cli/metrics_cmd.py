@@ -51,16 +51,16 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
     from hpcckpt.fs.safe import safe_job_component
     from hpcckpt.observe.metrics import default_staging_bases, render, scan_staging, write_textfile
     from hpcckpt.observe.visible import visible_jobs
     from hpcckpt.policy import load_policy
+    from hpcckpt.store.site import Site
 
-    setup = load_setup(args.store, args.catalog, args.policy)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
     acting = current_user()
-    jobs = visible_jobs(setup, acting, user_name=args.user, job_id=args.job, since=time.time() - args.since)
+    jobs = visible_jobs(site, acting, user_name=args.user, job_id=args.job, since=time.time() - args.since)
     pol = load_policy(user_file=Path(args.policy) if args.policy else None)
     disk = os.environ.get("HPCCKPT_STAGING") or pol.storage.staging
     users = None if acting.is_root and args.user is None else {args.user or acting.name}

@@ -40,10 +40,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = move_options(args)
-    from hpcckpt.context import current_user
-    from hpcckpt.slurm.adapter import check_job_id
     from hpcckpt.cluster.drain import migrate_job
     from hpcckpt.cluster.hooks import default_deps
+    from hpcckpt.context import current_user
+    from hpcckpt.slurm.adapter import check_job_id
 
     check_job_id(args.job_id)
     result = migrate_job(default_deps(), args.job_id, current_user(), opts)

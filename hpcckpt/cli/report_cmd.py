@@ -38,19 +38,19 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
     from hpcckpt.errors import NotFoundError, UsageError
     from hpcckpt.fs.safe import atomic_write_bytes
     from hpcckpt.observe import report
     from hpcckpt.observe.visible import visible_jobs
+    from hpcckpt.store.site import Site
 
     out = Path(args.output) if args.output else None
     if out is not None and out.suffix.lower() not in (".png", ".html", ".htm"):
         raise UsageError(f"--output {out}: the name must end in .png or .html")
     acting = current_user()
-    jobs = visible_jobs(load_setup(args.store, args.catalog, args.policy), acting, user_name=args.user,
-                        job_id=args.job_id)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
+    jobs = visible_jobs(site, acting, user_name=args.user, job_id=args.job_id)
     if not jobs:
         raise NotFoundError(f"job {args.job_id} has no checkpoints", hint="see 'hpcckpt list'")
     if len(jobs) > 1:

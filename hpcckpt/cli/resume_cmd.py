@@ -89,14 +89,17 @@ def run(args: argparse.Namespace) -> int:
     validate_job_id(args.job_id)  # one no run could have been given: a usage error, not "no runner"
     if args.sbatch and not args.submit:
         raise UsageError("--sbatch needs --submit")
-    from hpcckpt.core.runner.session import SessionOptions, resume_job, submit_resume_job
+    from hpcckpt.core.runner.session import SessionOptions, resume_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline)
     if args.submit:
         if args.ckpt is not None or args.as_owner:
             raise UsageError("--submit resumes the latest checkpoint as yourself; drop --ckpt and --as-owner")
-        print(submit_resume_job(args.job_id, opts, extra_options=list(args.sbatch)))
+        from hpcckpt.cluster.submit import resubmit
+
+        print(resubmit(args.job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy,
+                       extra_options=list(args.sbatch)))
         return 0
     if args.as_owner:
         from hpcckpt.context import user_by_name

@@ -83,10 +83,10 @@ def run_hook(args: argparse.Namespace) -> int:
 
 def run_drain_watch(args: argparse.Namespace) -> int:
     from hpcckpt.cli.drain_cmd import render_report
-    from hpcckpt.context import current_user
-    from hpcckpt.exitcodes import EXIT_SLURM
     from hpcckpt.cluster.drain import MoveOptions, watch_once
     from hpcckpt.cluster.hooks import default_deps
+    from hpcckpt.context import current_user
+    from hpcckpt.exitcodes import EXIT_SLURM
 
     reports = watch_once(default_deps(), current_user(), args.nodes,
                          MoveOptions(stop_timeout=args.timeout, resume_timeout=0))

@@ -46,14 +46,14 @@ def _ago(seconds: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcckpt.store.access import load_setup
     from hpcckpt.context import current_user
-    from hpcckpt.observe.status import job_statuses
+    from hpcckpt.core.status import job_statuses
     from hpcckpt.observe.visible import visible_jobs
+    from hpcckpt.store.site import Site
 
-    setup = load_setup(args.store, args.catalog, args.policy)
+    site = Site.load(store=args.store, catalog=args.catalog, policy_file=args.policy)
     now = time.time()
-    jobs = visible_jobs(setup, current_user(), user_name=args.user, job_id=args.job_id)
+    jobs = visible_jobs(site, current_user(), user_name=args.user, job_id=args.job_id)
     statuses = [s for s in job_statuses(jobs, now=now)
                 if s.running or args.job_id is not None or any(
                     j.job_id == s.job_id and j.uid == s.uid and now - j.last_activity <= args.since for j in jobs)]

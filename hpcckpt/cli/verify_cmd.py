@@ -8,8 +8,8 @@ from typing import Any
 
 from hpcckpt.cli.common import add_json_arg, add_store_args, print_json
 from hpcckpt.context import current_user
-from hpcckpt.store.verify import check_images
 from hpcckpt.progress import terminal_progress
+from hpcckpt.store.verify import check_images
 
 HELP = """\
 Read every byte of each image and check it: magic, version, every record's

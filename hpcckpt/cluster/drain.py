@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpcckpt import log as hlog
+from hpcckpt.cluster.hooks import HookDeps, apply_decision
 from hpcckpt.context import User
 from hpcckpt.errors import HpcckptError, NotFoundError, PermissionDeniedError, SlurmError
-from hpcckpt.cluster.hooks import HookDeps, apply_decision
 from hpcckpt.slurm.restart_policy import EXIT_REQUEUE, MOVE_EVENT, Action, JobOutcome, decide
 
 _log = hlog.get("slurm.drain")

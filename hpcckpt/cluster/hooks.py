@@ -33,24 +33,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
+from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User, user_by_uid
-from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError, UnsafePathError
-from hpcckpt.image.errors import ImageError
 from hpcckpt.core.pipeline.flush import FlushSettings
 from hpcckpt.core.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
+from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.fs.layout import StoreLayout
+from hpcckpt.fs.tree import remove_tree_at
+from hpcckpt.image.errors import ImageError
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import (
     Action,
     JobOutcome,
-    RestartKind,
     RestartDecision,
+    RestartKind,
     RestartRules,
     decide,
     pending_move,
 )
+from hpcckpt.store.site import Site
 
 _log = hlog.get("slurm.hooks")
 JOB_INFO_FILE = "slurm-job.json"
@@ -69,7 +73,7 @@ class HookDeps:
     catalog_url: str | None = None
     drain_on_failed_check: bool = False
     rules: RestartRules = field(default_factory=RestartRules)
-    open_catalog: Callable[[str | None, Path, User], Any] | None = None
+    open_catalog: Callable[[str | None, Path, User], Catalog] | None = None
     node_problems: Callable[[], list[str]] = list
     user_lookup: Callable[[int], User] = user_by_uid
     clock: Callable[[], float] = time.time
@@ -86,23 +90,21 @@ class HookDeps:
     tmpfs: Path | None = None
 
 
-def default_deps() -> HookDeps:
-    """The real collaborators, configured by the site policy and the hook env file."""
-    from hpcckpt.catalog import open_catalog
-    from hpcckpt.context import resolve_catalog_url
-    from hpcckpt.policy import build_policy, site_policy_path
+def default_deps(site: Site | None = None) -> HookDeps:
+    """The real collaborators, configured by the site (the site policy and the hook env file)."""
     from hpcckpt.cluster.nodecheck import node_problems
 
     # Hooks act for the site: only the site policy counts, never a user's file,
     # not even one named by $HPCCKPT_POLICY in the hook's environment.
-    pol = build_policy(None, site_policy_path(), {})
-    store = os.environ.get("HPCCKPT_STORE") or pol.storage.root
-    staging = os.environ.get("HPCCKPT_STAGING") or pol.storage.staging
+    site = site or Site.for_hooks()
+    pol = site.policy
+    # No store named anywhere: the hooks have nothing to act on (never root's own default store).
+    configured = bool(os.environ.get("HPCCKPT_STORE") or pol.storage.root)
     return HookDeps(
         slurm=ScontrolAdapter(),
-        store_root=Path(store) if store else None,
-        staging_root=Path(staging) if staging else None,
-        catalog_url=resolve_catalog_url(None, pol.storage.catalog),
+        store_root=site.store_root if configured else None,
+        staging_root=site.staging().disk,
+        catalog_url=site.catalog_url,
         drain_on_failed_check=bool(pol.slurm.drain_on_failed_check),
         rules=RestartRules(
             max_restarts=int(pol.failure.max_restarts),
@@ -155,14 +157,7 @@ def _job_user(env: SlurmEnv, deps: HookDeps) -> User | None:
 
 
 def job_dir(root: Path, user: User, job_id: str) -> Path:
-    # A user name is a path component under a root-owned tree: '.', '' or 'a/b'
-    # would make root create directories outside that user's own.
-    if not fsutil.is_safe_component(user.name):
-        raise UnsafePathError(
-            f"user name {user.name!r} (uid {user.uid}) cannot name a store directory",
-            hint="fix the passwd entry; hpcckpt refuses to create directories for it",
-        )
-    return root / user.name / fsutil.safe_job_component(job_id)
+    return StoreLayout(root).job_dir(user, job_id)
 
 
 def staging_dir(staging_root: Path, user: User, job_id: str) -> Path:
@@ -457,30 +452,11 @@ def salvage(env: SlurmEnv, deps: HookDeps, user: User, cat: Any) -> EpilogSalvag
     return report
 
 
-def _rmtree_at(parent_fd: int, name: str) -> None:
-    """Remove ``name`` below ``parent_fd`` by descriptors: a symlink inside is unlinked, never followed."""
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    try:
-        for child, st in list(fsutil.iter_dir_nofollow(fd)):
-            if stat.S_ISDIR(st.st_mode):
-                _rmtree_at(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
 def _clean_staging(env: SlurmEnv, root: Path, user: User) -> None:
     user_fd = -1
     try:
         user_fd = fsutil.open_private_dir(root / user.name, user.uid, user.gid, base=root, create=False)
-        name = fsutil.safe_job_component(env.job_id)
-        st = os.stat(name, dir_fd=user_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            _rmtree_at(user_fd, name)
-        else:
-            os.unlink(name, dir_fd=user_fd)
+        remove_tree_at(user_fd, fsutil.safe_job_component(env.job_id))
     except FileNotFoundError:
         pass
     except (HpcckptError, OSError) as exc:

@@ -17,12 +17,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
-from hpcckpt.context import User
-from hpcckpt.errors import NotFoundError, SlurmError
-from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter, check_job_id
 from hpcckpt.cluster.hooks import JOB_INFO_FILE, job_dir
+from hpcckpt.context import User, current_user
+from hpcckpt.errors import NotFoundError, SlurmError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter, check_job_id
+from hpcckpt.store.site import Site
 
 _log = hlog.get("slurm.submit")
 RESUME_ENV = "HPCCKPT_RESUME_FROM"
@@ -162,14 +163,10 @@ def resubmit(
     ``--catalog`` and ``--policy`` (None: environment, then policy, then defaults).
     Returns the new job id.
     """
-    from hpcckpt.catalog import open_catalog
-    from hpcckpt.context import current_user, resolve_catalog_url, resolve_store_root
-    from hpcckpt.policy import load_policy
-
-    pol = load_policy(user_file=Path(policy) if policy else None)
+    site = Site.load(store=store, catalog=catalog, policy_file=policy)
     user = current_user()
-    root = resolve_store_root(store, pol.storage.root)
-    cat = open_catalog(resolve_catalog_url(catalog, pol.storage.catalog), root, user)
+    root = site.store_root
+    cat = site.open_catalog(user)
     try:
         return submit_resume(job_id, catalog=cat, user=user, store_root=root, slurm=slurm,
                              extra_options=extra_options, env=env)

@@ -21,7 +21,7 @@ the job's freeze short:
 4. ``criu cpuinfo dump`` and the staged metadata, then the completion marker
    (``.done``): from now on the dump is either flushed by us or salvaged by
    the Slurm epilog, never lost and never published twice.
-5. The background :class:`~hpcckpt.pipeline.flush.Flusher` packs it into the
+5. The background :class:`~hpcckpt.core.pipeline.flush.Flusher` packs it into the
    store against the previous image (incremental, bounded by
    ``pipeline.full_every`` / ``max_chain_ratio``), compressed per
    ``storage.compression``, and publishes it atomically (temp name, fsync,
@@ -53,25 +53,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.criu import images as criuimg
-
-from hpcckpt.fs import safe as fsutil
-
-from hpcckpt.criu import procinfo
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User, node_name
-from hpcckpt.criu import netplan
-from hpcckpt.criu.interface import CheckpointEngine, DumpOptions, DumpResult
-from hpcckpt.errors import DeadlineExceededError, ExternalConnectionError, HpcckptError, StoreError
-from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
-from hpcckpt.image.parent import ParentIndex
-from hpcckpt.jobid import JobIdentity
+from hpcckpt.core.launch import scratch
+from hpcckpt.core.launch.spawn import needs_user_namespace
 from hpcckpt.core.pipeline.flush import Admission, Flusher, FlushResult, FlushSettings, Publisher
 from hpcckpt.core.pipeline.predump import PREDUMP_DIR, PreDumpEngine, PreDumpPlan, adopt_parent
 from hpcckpt.core.pipeline.staging import TMPFS, StagedCheckpoint, choose_staging, job_rss, staging_candidates
-from hpcckpt.core.launch import scratch
-from hpcckpt.core.launch.spawn import needs_user_namespace
+from hpcckpt.criu import images as criuimg
+from hpcckpt.criu import netplan, procinfo
+from hpcckpt.criu.interface import CheckpointEngine, DumpOptions, DumpResult
+from hpcckpt.errors import DeadlineExceededError, ExternalConnectionError, HpcckptError, StoreError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.image import ImageMeta, OpenFile, TaskInfo
+from hpcckpt.image.refs import ParentIndex
+from hpcckpt.jobid import JobIdentity
 from hpcckpt.store.images import Store
 
 _log = hlog.get("checkpoint")

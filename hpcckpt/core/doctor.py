@@ -18,10 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User, current_user
-from hpcckpt.errors import HpcckptError
-from hpcckpt.fs.safe import STORE_HINT
 from hpcckpt.core.launch import network
+from hpcckpt.errors import HpcckptError
+from hpcckpt.fs.layout import StoreLayout
+from hpcckpt.fs.safe import STORE_HINT
+from hpcckpt.store.site import Site
+
+
 @dataclass
 class Check:
     name: str
@@ -133,8 +138,6 @@ def check_store(inputs: DoctorInputs) -> Check:
 
 
 def check_catalog(inputs: DoctorInputs) -> Check:
-    from hpcckpt.catalog import open_catalog
-
     try:
         cat = open_catalog(inputs.catalog_url, inputs.store_root, inputs.user)
         try:
@@ -145,7 +148,7 @@ def check_catalog(inputs: DoctorInputs) -> Check:
         return Check("catalog", False, err.message, fix=err.hint or "")
     except OSError as err:  # doctor reports what is wrong; it never dies of it
         return Check("catalog", False, f"cannot open the catalog: {err}", fix=STORE_HINT)
-    where = inputs.catalog_url or str(inputs.store_root / inputs.user.name / "catalog.sqlite")
+    where = inputs.catalog_url or str(StoreLayout(inputs.store_root).catalog_file(inputs.user))
     return Check("catalog", True, f"{where} opens ({n} checkpoints)")
 
 
@@ -225,7 +228,5 @@ def all_required_ok(checks: list[Check]) -> bool:
     return all(c.ok for c in checks if c.required)
 
 
-def default_inputs(store: str | None, catalog: str | None, policy_root: str | None = None) -> DoctorInputs:
-    from hpcckpt.context import resolve_catalog_url, resolve_store_root
-
-    return DoctorInputs(resolve_store_root(store, policy_root), resolve_catalog_url(catalog), current_user())
+def default_inputs(site: Site) -> DoctorInputs:
+    return DoctorInputs(site.store_root, site.catalog_url, current_user())

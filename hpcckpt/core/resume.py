@@ -51,24 +51,24 @@ from typing import NamedTuple
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User, node_name
-from hpcckpt.criu.images import RecordedPath, recorded_paths
-from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
-from hpcckpt.criu.engine import restore_needs_user_namespace
-from hpcckpt.errors import EngineError, HpcckptError, IncompatibleError, NotFoundError, UsageError
-from hpcckpt.image.errors import CorruptImageError, ImageError, UnsafeImageError
-from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
-from hpcckpt.store.binding import check_bound
-from hpcckpt.image.model import SectionInfo
-from hpcckpt.image.parent import chain_info
-from hpcckpt.store.resolve import CkptRef, Lookup, parent_resolver, ref_of
-from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
+from hpcckpt.core.launch import scratch
+from hpcckpt.core.launch.spawn import StdioPipes
 from hpcckpt.core.lazyrestore import LazyRestore
 from hpcckpt.core.lazyrestore import begin as begin_lazy
 from hpcckpt.core.pipeline.staging import TMPFS, choose_staging
-from hpcckpt.core.launch import scratch
-from hpcckpt.core.launch.spawn import StdioPipes
 from hpcckpt.core.security import authorize_restore
 from hpcckpt.core.tails import Tails
+from hpcckpt.criu.engine import restore_needs_user_namespace
+from hpcckpt.criu.images import RecordedPath, recorded_paths
+from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
+from hpcckpt.errors import EngineError, HpcckptError, IncompatibleError, NotFoundError, UsageError
+from hpcckpt.image import ImageSummary, OpenFile, read_header, unpack_image
+from hpcckpt.image.errors import CorruptImageError, ImageError, UnsafeImageError
+from hpcckpt.image.model import SectionInfo
+from hpcckpt.image.parent import chain_info
+from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
+from hpcckpt.store.binding import check_bound
+from hpcckpt.store.resolve import CkptRef, Lookup, parent_resolver, ref_of
 
 _log = hlog.get("resume")
 GROWN_CHOICES = ("truncate", "keep", "refuse")

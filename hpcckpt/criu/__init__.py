@@ -1,7 +1,7 @@
 """Checkpoint engines: the adapters that actually freeze and restore a process tree.
 
 Only :mod:`hpcckpt.criu.engine` runs the ``criu`` binary; everything else goes
-through the :class:`~hpcckpt.engine.base.CheckpointEngine` protocol so that the
+through the :class:`~hpcckpt.criu.interface.CheckpointEngine` protocol so that the
 pipeline logic can be unit-tested against a fake.
 """
 

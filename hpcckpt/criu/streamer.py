@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from hpcckpt import log as hlog
-from hpcckpt.criu.images import string_field
 from hpcckpt.criu import splice
+from hpcckpt.criu.images import string_field
 from hpcckpt.errors import EngineError
 
 _log = hlog.get("engine.streamer")

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image.records import record_checksum
 
 _HEAD = F.RECORD_HEADER.size

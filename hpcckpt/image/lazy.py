@@ -36,8 +36,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from hpcckpt import log as hlog
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image.fetch import ChunkAt, ChunkBuffer
 from hpcckpt.image.stream import PreparedImage
 

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hpcckpt.image.parent import ParentIndex
+    from hpcckpt.image.refs import ParentIndex
 
 
 class FieldError(ValueError):

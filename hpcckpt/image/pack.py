@@ -25,8 +25,8 @@ from hpcckpt.image import format as F
 from hpcckpt.image.encode import ChunkEncoder, Encoded
 from hpcckpt.image.model import ImageMeta, OpenFile, PackStats, TaskInfo, to_json_list
 from hpcckpt.image.names import SectionNameError, check_name, encode_name
-from hpcckpt.image.parent import ChunkLocation, ParentIndex
 from hpcckpt.image.records import RecordWriter
+from hpcckpt.image.refs import ChunkLocation, ParentIndex
 from hpcckpt.image.system import system_info
 
 _log = hlog.get("image")

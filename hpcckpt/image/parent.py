@@ -29,99 +29,49 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image.fetch import ChunkBuffer, read_chunk
 from hpcckpt.image.files import open_image_fd
-from hpcckpt.image.model import ImageMeta
+from hpcckpt.image.header import parse_header
+from hpcckpt.image.model import ImageMeta, ImageSummary
 from hpcckpt.image.records import Readable, RecordReader, record_checksum
-
-#: ckptid -> path of that checkpoint's image (the catalog's answer, or a test's).
-ResolveParent = Callable[[int], Path]
-
-ChunkKey = tuple[bytes, int]  # (xxh3_128 digest, raw length)
+from hpcckpt.image.refs import ChunkKey, ChunkLocation, ParentIndex, ResolveParent
 
 
-@dataclass(frozen=True)
-class ChunkLocation:
-    """Where a chunk's bytes are stored: a CHUNK record of image ``ckptid``."""
+def index_image(path: Path | str) -> ParentIndex:
+    """Index an image by its chunk headers only (seeks over the data: cheap).
 
-    ckptid: int
-    section: str
-    offset: int  # in the section's file
-    length: int
-
-
-@dataclass
-class ParentIndex:
-    """What a new image may reference instead of storing: hash -> location.
-
-    ``depth``, ``base``, ``base_bytes`` and ``chain_bytes`` describe the chain
-    ending with this image, for chain bounding (:mod:`hpcckpt.core.pipeline.chain`).
+    The bytes are not checked here; every referenced chunk is checked by
+    its record checksum and content hash when it is read back.
     """
-
-    ckptid: int
-    job_id: str = ""
-    uid: int = 0
-    depth: int = 0  # 0: a full image
-    base: int = 0  # ckptid of the chain's full image
-    base_bytes: int = 0
-    chain_bytes: int = 0  # image bytes from the base to this image, both included
-    chunks: dict[ChunkKey, ChunkLocation] = field(default_factory=dict)
-
-    def lookup(self, digest: bytes, length: int) -> ChunkLocation | None:
-        return self.chunks.get((digest, length))
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    @property
-    def ckptids(self) -> frozenset[int]:
-        """Every image a ref made through this index may name."""
-        return frozenset(loc.ckptid for loc in self.chunks.values())
-
-    def chain_extra(self) -> dict[str, Any]:
-        """``meta.extra["chain"]`` for a child image packed against this index."""
-        return {
-            "depth": self.depth + 1,
-            "base": self.base,
-            "base_bytes": self.base_bytes,
-            "bytes_before": self.chain_bytes,
-            "depends_on": sorted(self.ckptids),
-        }
-
-    @classmethod
-    def from_image(cls, path: Path | str) -> ParentIndex:
-        """Index an image by its chunk headers only (seeks over the data: cheap).
-
-        The bytes are not checked here; every referenced chunk is checked by
-        its record checksum and content hash when it is read back.
-        """
-        with _open(Path(path)) as f:
-            meta, scan = _scan(f, os.fspath(path))
-            if meta.ckptid <= 0:
-                raise UnsupportedImageError(
-                    f"{path}: image has ckptid {meta.ckptid}; only catalogued checkpoints can be parents",
-                    hint="pack a full image instead",
-                )
-            chain = chain_info(meta, os.fspath(path))
-            size = os.fstat(f.fileno()).st_size
-            idx = cls(
-                ckptid=meta.ckptid, job_id=meta.job_id, uid=meta.uid, depth=chain["depth"],
-                base=chain["base"] or meta.ckptid, base_bytes=chain["base_bytes"] or size,
-                chain_bytes=chain["bytes_before"] + size,
+    with _open(Path(path)) as f:
+        meta, scan = _scan(f, os.fspath(path))
+        if meta.ckptid <= 0:
+            raise UnsupportedImageError(
+                f"{path}: image has ckptid {meta.ckptid}; only catalogued checkpoints can be parents",
+                hint="pack a full image instead",
             )
-            for item in scan:
-                if item.length >= F.MIN_REF:
-                    owner = meta.ckptid if item.ref is None else item.ref
-                    idx.chunks.setdefault(
-                        (item.digest, item.length), ChunkLocation(owner, item.section, item.offset, item.length)
-                    )
-        return idx
+        chain = chain_info(meta, os.fspath(path))
+        size = os.fstat(f.fileno()).st_size
+        idx = ParentIndex(
+            ckptid=meta.ckptid, job_id=meta.job_id, uid=meta.uid, depth=chain["depth"],
+            base=chain["base"] or meta.ckptid, base_bytes=chain["base_bytes"] or size,
+            chain_bytes=chain["bytes_before"] + size,
+        )
+        for item in scan:
+            if item.length >= F.MIN_REF:
+                owner = meta.ckptid if item.ref is None else item.ref
+                idx.chunks.setdefault(
+                    (item.digest, item.length), ChunkLocation(owner, item.section, item.offset, item.length)
+                )
+    return idx
+
+
 
 
 def chain_info(meta: ImageMeta, where: str) -> dict[str, int]:
@@ -169,8 +119,6 @@ def _open(path: Path) -> Iterator[BinaryIO]:
 
 def _scan(f: BinaryIO, name: str) -> tuple[ImageMeta, Iterator[_Scanned]]:
     """The image's header, and its chunks' and refs' headers in order."""
-    from hpcckpt.image.reader import parse_header  # the reader imports this module
-
     r = RecordReader(cast(Readable, f), name)
     r.read_preamble()
     meta, _ = parse_header(r, r.next_record())
@@ -306,12 +254,18 @@ class _Image:
         self._ctx.__exit__(None, None, None)
 
 
+#: Verifies one image of a chain, sharing what is verified already: (summary, the chunk keys it stores).
+VerifyMember = Callable[[Path, "ResolveParent | None", dict[int, set[ChunkKey]]], tuple[ImageSummary, set[ChunkKey]]]
+
+
 class ChunkSource:
     """Gives the reader the bytes (unpack) or the certainty (verify) behind each CHUNK_REF."""
 
     def __init__(self, resolve_parent: ResolveParent | None, child: ImageMeta, child_name: str,
-                 *, verify_whole: bool, verified: dict[int, set[ChunkKey]] | None = None) -> None:
+                 *, verify_whole: bool, verify_member: VerifyMember,
+                 verified: dict[int, set[ChunkKey]] | None = None) -> None:
         self._resolve = resolve_parent
+        self._verify_member = verify_member  # the reader's own, handed down: it reads this module
         self._child = child
         self._child_name = child_name
         self._verify_whole = verify_whole
@@ -378,10 +332,8 @@ class ChunkSource:
 
     def _verify(self, ckptid: int) -> set[ChunkKey]:
         """Verify the whole referenced image (and its own chain); its stored chunk keys."""
-        from hpcckpt.image.reader import verify_chain_member
-
         path = self._path(ckptid)
-        summary, stored = verify_chain_member(path, self._resolve, self._verified)
+        summary, stored = self._verify_member(path, self._resolve, self._verified)
         if summary.meta.ckptid != ckptid or summary.meta.uid != self._child.uid:
             raise CorruptImageError(
                 f"is checkpoint {summary.meta.ckptid} of uid {summary.meta.uid}, but {self._child_name} "

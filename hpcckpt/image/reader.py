@@ -12,21 +12,21 @@ checks every referenced image whole, recursively, once each.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 import xxhash
 
 from hpcckpt import progress
-from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import CodecError, decompress
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.files import open_image_fd
+from hpcckpt.image.header import json_payload, parse_header
 from hpcckpt.image.model import (
     FieldError,
     ImageMeta,
@@ -35,12 +35,12 @@ from hpcckpt.image.model import (
     SectionInfo,
     TaskInfo,
     files_from_json,
-    meta_from_json,
     tasks_from_json,
 )
 from hpcckpt.image.names import SectionNameError, check_name
-from hpcckpt.image.parent import ChunkKey, ChunkSource, ResolveParent
+from hpcckpt.image.parent import ChunkSource
 from hpcckpt.image.records import Readable, Record, RecordReader
+from hpcckpt.image.refs import ChunkKey, ResolveParent
 
 _READ_BUFFER = 1 << 20
 
@@ -113,41 +113,6 @@ class _ReadAdapter:
         return len(data)
 
 
-def _json_payload(r: RecordReader, rec: Record, data: memoryview) -> Any:
-    if data.nbytes > F.MAX_JSON:
-        raise r.corrupt(f"JSON of {data.nbytes} bytes exceeds {F.MAX_JSON}", rec=rec)
-    try:
-        return json.loads(bytes(data).decode("utf-8", "surrogateescape"))
-    except (ValueError, RecursionError) as exc:
-        raise r.corrupt(f"malformed JSON: {exc}", rec=rec) from exc
-
-
-def parse_header(r: RecordReader, rec: Record) -> tuple[ImageMeta, dict[str, Any]]:
-    if rec.rtype != F.T_HEADER or rec.index != 0:
-        raise r.corrupt("the first record must be the image header", rec=rec)
-    p = rec.payload
-    if p.nbytes < F.HEADER_FIXED.size:
-        raise r.corrupt(f"header payload of {p.nbytes} bytes is too short", rec=rec)
-    flags, json_len, created = F.HEADER_FIXED.unpack(p[: F.HEADER_FIXED.size])
-    if json_len != p.nbytes - F.HEADER_FIXED.size:
-        raise r.corrupt(f"header JSON length {json_len} disagrees with the record length", rec=rec)
-    doc = _json_payload(r, rec, p[F.HEADER_FIXED.size :])
-    if not isinstance(doc, dict) or not isinstance(doc.get("system"), dict):
-        raise r.corrupt("header JSON lacks its 'system' object", rec=rec)
-    try:
-        meta = meta_from_json(doc.get("meta"))
-    except FieldError as exc:
-        raise r.corrupt(f"header metadata: {exc}", rec=rec) from exc
-    system = {k: v for k, v in doc["system"].items() if isinstance(v, (str, int, float))}
-    header = {
-        "format_version": f"{r.version[0]}.{r.version[1]}",
-        "flags": flags,
-        "created": created,
-        **{k: system.get(k, "") for k in ("arch", "kernel_release", "kernel_version", "machine", "hostname")},
-    }
-    return meta, header
-
-
 class _Walker:
     def __init__(self, r: RecordReader, sink: Sink, ckptid: int, refs: ChunkSource) -> None:
         self.r = r
@@ -176,7 +141,7 @@ class _Walker:
         if t in (F.T_TASKS, F.T_FILES):
             if self.body:
                 raise self.r.corrupt(f"{rec.name} record after the first section", rec=rec)
-            doc = _json_payload(self.r, rec, rec.payload)
+            doc = json_payload(self.r, rec, rec.payload)
             try:
                 if t == F.T_TASKS:
                     self.tasks.extend(tasks_from_json(doc))
@@ -359,7 +324,8 @@ def _walk(
         if first is None:
             raise CorruptImageError("no image header before the trailer", path=name, offset=F.PREAMBLE.size)
         meta, header = parse_header(r, first)
-        refs = ChunkSource(resolve_parent, meta, name, verify_whole=verify_whole, verified=verified)
+        refs = ChunkSource(resolve_parent, meta, name, verify_whole=verify_whole, verify_member=verify_chain_member,
+                           verified=verified)
         w = _Walker(r, sink, meta.ckptid, refs)
         try:
             for rec in records:

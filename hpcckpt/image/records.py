@@ -16,8 +16,8 @@ from typing import BinaryIO, Protocol
 import xxhash
 
 from hpcckpt.errors import StoreError
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 
 Buffer = bytes | bytearray | memoryview
 

@@ -33,11 +33,12 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image.fetch import ChunkAt, ChunkBuffer, read_chunk
 from hpcckpt.image.model import ImageSummary, SectionInfo
-from hpcckpt.image.parent import ChunkSource, ResolveParent
+from hpcckpt.image.parent import ChunkSource
+from hpcckpt.image.refs import ResolveParent
 from hpcckpt.image.unpack import OnVerified, unpack_deferring
 
 # CRIU's memory contents: by far the bulk of an image, read once, in order, by restore.

@@ -32,12 +32,13 @@ from typing import BinaryIO
 
 from hpcckpt import log as hlog
 from hpcckpt.errors import StoreError, UnsafePathError
-from hpcckpt.image.errors import ImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import ImageError
 from hpcckpt.image.fetch import ChunkAt
 from hpcckpt.image.model import ImageSummary, SectionInfo
-from hpcckpt.image.parent import ChunkSource, ResolveParent
+from hpcckpt.image.parent import ChunkSource
 from hpcckpt.image.reader import walk, walk_deferred
+from hpcckpt.image.refs import ResolveParent
 
 _log = hlog.get("image")
 

@@ -27,13 +27,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog
 from hpcckpt.context import User
 from hpcckpt.errors import HpcckptError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.fs.layout import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, StagingLayout
 from hpcckpt.observe.jobstats import JobStats, load_jobs
-from hpcckpt.core.pipeline.staging import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, staging_candidates
 
 _log = hlog.get("metrics")
 
@@ -225,7 +225,7 @@ class JobMetrics:
         self.path = path
         self.job_id = job_id
         self.user = user
-        self.staging_dirs = staging_candidates(user, job_id, disk_staging)
+        self.staging_dirs = StagingLayout(disk_staging).candidates(user, job_id)
         self.started = time.time()
 
     def text(self, cat: Catalog) -> str:

@@ -10,45 +10,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hpcckpt.catalog import Catalog, is_postgres_url, open_catalog, sqlite_path
-from hpcckpt.context import User, resolve_catalog_url, resolve_store_root, user_by_name
+from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import NotFoundError, PermissionDeniedError, StoreError
-from hpcckpt.store.retention import RetentionRules
-from hpcckpt.store.images import Store
-
-
-@dataclass(frozen=True)
-class Setup:
-    store_root: Path
-    catalog_url: str | None
-    retention: RetentionRules
-
-
-def load_setup(
-    store: str | None,
-    catalog: str | None,
-    policy_file: str | None,
-    *,
-    policy_cli: Mapping[str, Any] | None = None,
-    policy_cli_flags: Mapping[str, str] | None = None,
-) -> Setup:
-    """Store root, catalog URL and retention from flags, environment and policy, in that order."""
-    from hpcckpt.policy import load_policy
-
-    pol = load_policy(
-        user_file=Path(policy_file) if policy_file else None, cli=policy_cli, cli_flags=policy_cli_flags
-    )
-    return Setup(
-        store_root=resolve_store_root(store, pol.storage.root),
-        catalog_url=resolve_catalog_url(catalog, pol.storage.catalog),
-        retention=RetentionRules.from_policy(pol),
-    )
+from hpcckpt.store.site import Site
 
 
 def target_users(store_root: Path, acting: User, user_name: str | None) -> list[User]:
@@ -83,23 +49,8 @@ def target_users(store_root: Path, acting: User, user_name: str | None) -> list[
     return users
 
 
-@contextmanager
-def opened(setup: Setup, user: User) -> Iterator[tuple[Catalog, Store]]:
-    """The catalog and store ``user`` acts through, closed afterwards."""
-    cat = open_catalog(setup.catalog_url, setup.store_root, user)
-    try:
-        yield cat, Store(setup.store_root, user)
-    finally:
-        cat.close()
-
-
-def has_catalog(setup: Setup, user: User) -> bool:
+def has_catalog(site: Site, user: User) -> bool:
     """False when ``user`` has no per-user catalog yet: read-only commands then create nothing."""
-    if setup.catalog_url:
+    if site.shared_catalog:
         return True
-    return os.path.lexists(sqlite_path(setup.store_root, user))
-
-
-def shared_catalog(setup: Setup) -> bool:
-    """One catalog for every user (PostgreSQL), rather than a file per user."""
-    return is_postgres_url(setup.catalog_url) or bool(setup.catalog_url)
+    return os.path.lexists(site.layout.catalog_file(user))

@@ -22,11 +22,11 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog.base import Catalog
-from hpcckpt.store.check import temp_ckptid, user_rows
 from hpcckpt.catalog.model import CkptRecord, Status
 from hpcckpt.errors import StoreError
-from hpcckpt.store.retention import RetentionRules, RetentionResult, apply_retention
+from hpcckpt.store.check import temp_ckptid, user_rows
 from hpcckpt.store.images import Store, writer_alive
+from hpcckpt.store.retention import RetentionResult, RetentionRules, apply_retention
 
 _log = hlog.get("gc")
 

@@ -37,17 +37,16 @@ from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, CkptRecord
 from hpcckpt.context import User
 from hpcckpt.errors import NotFoundError, StoreError, UnsafePathError
+from hpcckpt.fs.layout import StoreLayout, image_name
 from hpcckpt.fs.safe import (
     TEMP_PREFIX,
     is_safe_component,
     iter_dir_nofollow,
     open_private_dir,
     open_private_file_at,
-    safe_job_component,
     temp_name,
 )
 
-IMAGE_SUFFIX = ".hck"
 # Companion files belong to a checkpoint without being its image, such as the
 # per-rank shards of an application-assisted checkpoint (``ckpt-N.r3.hck``):
 # they live and die with checkpoint N.
@@ -56,10 +55,6 @@ _log = hlog.get("store")
 
 #: Steps of a publish, in order; ``step_hook`` is called after each (crash tests kill here).
 PUBLISH_STEPS = ("begun", "opened", "written", "fsynced", "renamed", "dir_synced", "committed")
-
-
-def image_name(ckptid: int) -> str:
-    return f"ckpt-{int(ckptid)}{IMAGE_SUFFIX}"
 
 
 def parse_image_name(name: str) -> int | None:
@@ -120,6 +115,7 @@ class Store:
             raise StoreError(f"user name {user.name!r} cannot be a directory name")
         self.root = Path(root)
         self.user = user
+        self.layout = StoreLayout(self.root)
         # Tests inject a hook that SIGKILLs the writer at a given step.
         self._step_hook = step_hook
 
@@ -127,16 +123,16 @@ class Store:
 
     @property
     def user_dir(self) -> Path:
-        return self.root / self.user.name
+        return self.layout.user_dir(self.user)
 
     def job_dir(self, job_id: str, create: bool = True) -> Path:
-        path = self.user_dir / safe_job_component(job_id)
+        path = self.layout.job_dir(self.user, job_id)
         if create:
             os.close(self._open_dir(path, create=True))
         return path
 
     def image_path(self, job_id: str, ckptid: int) -> Path:
-        return self.user_dir / safe_job_component(job_id) / image_name(ckptid)
+        return self.layout.image(self.user, job_id, ckptid)
 
     def _open_dir(self, path: Path, *, create: bool) -> int:
         return open_private_dir(path, self.user.uid, self.user.gid, base=self.root, create=create)
@@ -162,7 +158,7 @@ class Store:
         On any exception inside the block (or while finishing) the temp or
         final file is removed, the row is marked failed, and the error re-raised.
         """
-        final = self.user_dir / safe_job_component(job_id)
+        final = self.layout.job_dir(self.user, job_id)
         dir_fd = self._open_dir(final, create=True)
         meta = dict(begin_kwargs.pop("meta", None) or {})
         meta.setdefault("writer", writer_identity())

@@ -12,12 +12,13 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hpcckpt.context import User, resolve_catalog_url, resolve_store_root
+from hpcckpt.catalog import Catalog, CkptRecord
+from hpcckpt.context import User
 from hpcckpt.errors import CatalogError, NotFoundError, PermissionDeniedError, UsageError
 from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.inputs import CKPTID_MAX, CKPTID_MIN, looks_like_ckptid, parse_ckptid
+from hpcckpt.store.site import Site
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,7 @@ def image_by_id(ckptid: int, user: User, lookup: Lookup) -> Path:
     return path
 
 
-def _policy_storage(policy_file: str | None) -> tuple[str | None, str | None]:
-    """(storage.root, storage.catalog) from the policy, when the policy module is there."""
-    try:
-        from hpcckpt.policy import load_policy
-    except ImportError:
-        return None, None
-    pol = load_policy(user_file=Path(policy_file) if policy_file else None)
-    return pol.storage.root, pol.storage.catalog
-
-
-def ref_of(rec: Any) -> CkptRef:
+def ref_of(rec: CkptRecord) -> CkptRef:
     """The :class:`CkptRef` of a catalog record."""
     status = getattr(rec.status, "value", rec.status)
     return CkptRef(ckptid=rec.ckptid, uid=rec.uid, path=rec.path or "", status=str(status), job_id=rec.job_id,
@@ -115,23 +106,17 @@ class CatalogLookup:
     """A lookup through the real catalog, opened on first use (plain paths never open it).
 
     It also marks images corrupt (``hpcckpt verify``), through the same connection.
+    The site is built on first use too: a plain image path needs no policy.
     """
 
-    def __init__(self, user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> None:
+    def __init__(self, user: User, site: Callable[[], Site]) -> None:
         self.user = user
-        self._args = (store, catalog, policy_file)
-        self._cat: Any = None
+        self._site = site
+        self._cat: Catalog | None = None
 
-    def catalog(self) -> Any:
+    def catalog(self) -> Catalog:
         if self._cat is None:
-            try:
-                from hpcckpt.catalog import open_catalog
-            except ImportError as exc:
-                raise CatalogError(f"the catalog is not available: {exc}") from exc
-            store, catalog, policy_file = self._args
-            pol_root, pol_cat = (None, None) if store and catalog else _policy_storage(policy_file)
-            self._cat = open_catalog(resolve_catalog_url(catalog, pol_cat), resolve_store_root(store, pol_root),
-                                     self.user)
+            self._cat = self._site().open_catalog(self.user)
         return self._cat
 
     def __call__(self, ckptid: int) -> CkptRef | None:
@@ -146,8 +131,8 @@ class CatalogLookup:
 
 
 def catalog_lookup(user: User, store: str | None, catalog: str | None, policy_file: str | None = None) -> Lookup:
-    """A lookup through the real catalog, opened on first use (plain paths never open it)."""
-    return CatalogLookup(user, store, catalog, policy_file)
+    """A lookup through the catalog of the site that ``--store``, ``--catalog`` and ``--policy`` name."""
+    return CatalogLookup(user, lambda: Site.load(store=store, catalog=catalog, policy_file=policy_file))
 
 
 def parent_resolver(user: User, lookup: Lookup | None) -> Callable[[int], Path]:

@@ -11,8 +11,8 @@ from hpcckpt.context import User
 from hpcckpt.errors import HpcckptError
 from hpcckpt.exitcodes import EXIT_CORRUPT, EXIT_OK, EXIT_UNREADABLE
 from hpcckpt.image.errors import UnreadableImageError
-from hpcckpt.store.binding import check_bound
 from hpcckpt.image.reader import verify_image
+from hpcckpt.store.binding import check_bound
 from hpcckpt.store.resolve import Lookup, catalog_lookup, parent_resolver, resolve_image
 
 

@@ -29,8 +29,8 @@ import pytest
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_USAGE
 from hpcckpt.core.runner.control import socket_path
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "mpi_integrate.py"

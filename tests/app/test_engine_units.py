@@ -9,8 +9,8 @@ import pytest
 
 from hpcckpt.app.engines import engine_factory, engine_record
 from hpcckpt.app.requests import CHECKPOINT, STOP, RequestReader, RequestWriter
-from hpcckpt.errors import PolicyError, UsageError
 from hpcckpt.core.runner.relaunch import kept_environment
+from hpcckpt.errors import PolicyError, UsageError
 
 
 def test_requests_are_read_once_and_a_half_written_line_waits(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import Catalog, Status
+from hpcckpt.context import User
 from hpcckpt.store.check import check_consistency
 from hpcckpt.store.gc import collect_garbage
-from hpcckpt.context import User
 from hpcckpt.store.images import PUBLISH_STEPS, Store
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ import pytest
 from hpcckpt.catalog import Catalog
 from hpcckpt.catalog.model import LeaseRecord, LeaseState
 from hpcckpt.context import User
-from hpcckpt.errors import JobFinishedError, JobRunningError, SlurmError
 from hpcckpt.core.lease import Holder, acquire, judge
 from hpcckpt.core.runner.session import SessionOptions
+from hpcckpt.errors import JobFinishedError, JobRunningError, SlurmError
 from tests.criu.harness import wait_for
 
 NOW = 1_000_000.0

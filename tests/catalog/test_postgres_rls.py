@@ -16,8 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from hpcckpt.catalog import pg_security
-from hpcckpt.catalog import Catalog, postgres
+from hpcckpt.catalog import Catalog, pg_security, pg_setup, postgres
 from hpcckpt.catalog.postgres import PostgresCatalog, session_role
 from hpcckpt.catalog.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from hpcckpt.context import User
@@ -76,7 +75,7 @@ def new_database(server: PgServer) -> str:
 def rls_db(pg_server: PgServer) -> str:
     """A catalog set up by ``setup_catalog`` with ALICE and BOB mapped."""
     db = new_database(pg_server)
-    pg_security.setup_catalog(role_url(pg_server, db, pg_security.ADMIN_ROLE), ROOT,
+    pg_setup.setup_catalog(role_url(pg_server, db, pg_security.ADMIN_ROLE), ROOT,
                               add=[(ALICE.name, ALICE.uid), (BOB.name, BOB.uid)])
     return db
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
+from hpcckpt.context import User
 from hpcckpt.store.check import check_consistency
 from hpcckpt.store.gc import collect_garbage
-from hpcckpt.store.rebuild import rebuild_catalog
-from hpcckpt.context import User
-from hpcckpt.store.retention import RetentionRules, apply_retention
 from hpcckpt.store.images import Store
+from hpcckpt.store.rebuild import rebuild_catalog
+from hpcckpt.store.retention import RetentionRules, apply_retention
 
 image = pytest.importorskip("hpcckpt.image")
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User
 from hpcckpt.errors import PolicyError
-from hpcckpt.store.retention import RetentionRules, apply_retention, select_for_deletion
 from hpcckpt.store.images import Store
+from hpcckpt.store.retention import RetentionRules, apply_retention, select_for_deletion
 
 NOW = 1_000_000.0
 

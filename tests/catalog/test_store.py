@@ -163,8 +163,8 @@ def test_root_never_writes_through_a_users_planted_journal_link(store_root: Path
 
 def test_companion_files_live_and_die_with_their_checkpoint(cat: Catalog, store_root: Path, me: User) -> None:
     from hpcckpt.store.gc import collect_garbage
-    from hpcckpt.store.retention import RetentionRules, apply_retention
     from hpcckpt.store.images import parse_image_name, parse_store_name
+    from hpcckpt.store.retention import RetentionRules, apply_retention
 
     assert parse_image_name("ckpt-7.hck") == 7
     assert parse_image_name("ckpt-7.r3.hck") is None

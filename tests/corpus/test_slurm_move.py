@@ -109,12 +109,21 @@ def _release_if_held(cluster: SlurmCluster, m: Mover, info: dict[str, str]) -> N
             cluster.release(m.job)
 
 
+def _tail(m: Mover, size: int = 4000) -> str:
+    """The end of the job's Slurm output (hpcckpt's log lines and the job's own), for a failure's message."""
+    try:
+        return (m.dir / f"{m.job}.out").read_text(errors="replace")[-size:]
+    except OSError as exc:
+        return f"(no output: {exc})"
+
+
 def _advance(cluster: SlurmCluster, m: Mover) -> None:
     """Move ``m`` on by one phase if it is ready to; raise AssertionError if it went wrong."""
     info = cluster.show_job(m.job)
     state, restarts = info.get("JobState", ""), int(info.get("Restarts", "0") or 0)
     if state in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY") and not (m.phase == "moving" and restarts == 0):
-        raise AssertionError(f"{m.case.name}: job {m.job} ended {state} in its {m.phase}; see {m.dir}")
+        raise AssertionError(f"{m.case.name}: job {m.job} ended {state} in its {m.phase}; see {m.dir}; "
+                             f"the end of its output:\n{_tail(m)}")
     if m.phase == "first run":
         if state == "COMPLETED":
             raise AssertionError(f"{m.case.name}: job {m.job} ended before 2 checkpoints committed; see {m.dir}")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.criu import procinfo
 from hpcckpt.core.runner.control import request
+from hpcckpt.criu import procinfo
 
 REPO = Path(__file__).resolve().parents[2]
 PROGS = Path(__file__).resolve().parent / "progs"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.criu.engine import Criu
 from hpcckpt.core.pipeline.predump import FEATURE, PreDumpPlan, plan_predump
+from hpcckpt.criu.engine import Criu
 from tests.criu.harness import PROGS, REPO, hpcckpt, job_pid, kill_everything, wait_for
 
 pytestmark = [pytest.mark.criu]

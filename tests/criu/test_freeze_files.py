@@ -20,19 +20,18 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpcckpt.criu import images as criuimg
-
-from hpcckpt.criu import procinfo
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.criu import images as criuimg
+from hpcckpt.criu import procinfo
+from hpcckpt.criu.engine import Criu
 from hpcckpt.criu.images import DumpedFile
 from hpcckpt.criu.interface import DumpOptions
-from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.procinfo import FdState, TreeSnapshot
 from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.jobid import JobIdentity
-from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.criu.procinfo import FdState, TreeSnapshot
 from hpcckpt.store.images import Store
 
 # The job: opens R (read), W (write, not append), RW (read-write), A (append) and D (deleted),

@@ -23,11 +23,11 @@ import pytest
 
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.criu.interface import DumpOptions, RestoreResult
+from hpcckpt.core.resume import Resumer
 from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import DumpOptions, RestoreResult
 from hpcckpt.errors import EngineError
 from hpcckpt.image import format as F
-from hpcckpt.core.resume import Resumer
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 from tests.criu.test_stream_restore import page_chunks
 

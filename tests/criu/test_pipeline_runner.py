@@ -23,11 +23,11 @@ import pytest
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.exitcodes import EXIT_REQUEUE
 from hpcckpt.core.pipeline.flush import StorePublisher, Write
 from hpcckpt.core.pipeline.staging import StagedCheckpoint
 from hpcckpt.core.runner.control import request
 from hpcckpt.core.runner.session import Environment, SessionOptions, run_job
+from hpcckpt.exitcodes import EXIT_REQUEUE
 from tests.criu.harness import PROGS, wait_for
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(180, method="thread")]

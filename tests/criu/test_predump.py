@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.core.checkpoint import CriuCheckpointer
+from hpcckpt.core.pipeline.predump import PreDumpEngine, PreDumpPlan
+from hpcckpt.core.resume import header_facts
 from hpcckpt.criu.interface import DumpOptions, DumpResult
 from hpcckpt.errors import EngineError
 from hpcckpt.image import unpack_image, verify_image
-from hpcckpt.core.pipeline.predump import PreDumpEngine, PreDumpPlan
-from hpcckpt.core.resume import header_facts
 from tests.criu.test_units import FileEngine, make
 
 MEMORY = os.urandom(64 << 10)

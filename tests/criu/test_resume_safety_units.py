@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.criu.images import RecordedPath
-from hpcckpt.errors import IncompatibleError, StoreError
-from hpcckpt.image.errors import CorruptImageError
-from hpcckpt.image import OpenFile
-from hpcckpt.store.binding import check_bound, row_mismatches
-from hpcckpt.image.model import ImageMeta
-from hpcckpt.store.resolve import CkptRef
 from hpcckpt.core.resume import plan_paths
 from hpcckpt.core.tails import Tails
+from hpcckpt.criu.images import RecordedPath
+from hpcckpt.errors import IncompatibleError, StoreError
+from hpcckpt.image import OpenFile
+from hpcckpt.image.errors import CorruptImageError
+from hpcckpt.image.model import ImageMeta
+from hpcckpt.store.binding import check_bound, row_mismatches
+from hpcckpt.store.resolve import CkptRef
 
 REG, DIR = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
 

@@ -28,12 +28,12 @@ import pytest
 
 from hpcckpt.catalog import Status, open_catalog
 from hpcckpt.context import current_user
-from hpcckpt.criu.interface import DumpOptions, RestoreResult
+from hpcckpt.core.resume import Resumer
 from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import DumpOptions, RestoreResult
 from hpcckpt.criu.streamer import Source
 from hpcckpt.errors import EngineError, IncompatibleError
 from hpcckpt.policy.schema import FIELDS
-from hpcckpt.core.resume import Resumer
 from tests.criu.harness import PROGS, Cmd, hpcckpt, job_pid, kill_everything, wait_for
 
 pytestmark = [pytest.mark.criu]

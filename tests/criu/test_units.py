@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import current_user
-from hpcckpt.criu.interface import DumpOptions, DumpResult, RestoreResult
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
+from hpcckpt.core.resume import FileState, plan_files
+from hpcckpt.core.runner.control import ControlServer, request
 from hpcckpt.criu.engine import log_excerpt
+from hpcckpt.criu.interface import DumpOptions, DumpResult, RestoreResult
 from hpcckpt.criu.streamer import Source as StreamSource
 from hpcckpt.errors import EngineError, RunnerUnreachableError, UsageError
 from hpcckpt.image import OpenFile, verify_image
 from hpcckpt.jobid import resolve
-from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher
-from hpcckpt.core.resume import FileState, plan_files
-from hpcckpt.core.runner.control import ControlServer, request
 from hpcckpt.store.images import Store
 
 

@@ -12,8 +12,8 @@ import pytest
 from hpcckpt.cli.main import main
 from hpcckpt.context import User
 from hpcckpt.errors import NotFoundError, PermissionDeniedError
-from hpcckpt.image.errors import UnreadableImageError
 from hpcckpt.image import TaskInfo, write_error_image
+from hpcckpt.image.errors import UnreadableImageError
 from hpcckpt.store.resolve import CkptRef, resolve_image
 from tests.image.conftest import meta, pack_bytes
 

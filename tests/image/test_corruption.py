@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpcckpt.image.errors import CorruptImageError, ImageError
 from hpcckpt.image import unpack_image, verify_image
+from hpcckpt.image.errors import CorruptImageError, ImageError
 
 
 def test_small_image_is_valid(small_image: bytes) -> None:

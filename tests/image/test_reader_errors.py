@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import format as F
 from hpcckpt.image import verify_image
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from tests.image.conftest import craft, section
 
 

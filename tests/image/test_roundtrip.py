@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.errors import StoreError
-from hpcckpt.image.errors import ImageError
 from hpcckpt.image import (
     OpenFile,
     TaskInfo,
@@ -22,6 +21,7 @@ from hpcckpt.image import (
     write_error_image,
 )
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import ImageError
 from tests.image.conftest import make_tree, meta, pack_bytes
 
 

@@ -10,9 +10,9 @@ import pytest
 import xxhash
 
 from hpcckpt.errors import StoreError, UnsafePathError
-from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from hpcckpt.image import format as F
 from hpcckpt.image import unpack_image, verify_image
+from hpcckpt.image.errors import CorruptImageError, UnsafeImageError
 from tests.image.conftest import craft, pack_bytes, section
 
 

@@ -14,9 +14,9 @@ import pytest
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.cli.main import main
 from hpcckpt.context import User, current_user
+from hpcckpt.core.status import Liveness, job_statuses
 from hpcckpt.observe.jobstats import load_jobs
 from hpcckpt.observe.metrics import JobMetrics, StagingUse, render, staging_use
-from hpcckpt.observe.status import Liveness, job_statuses
 
 parser = pytest.importorskip("prometheus_client.openmetrics.parser")
 

@@ -10,9 +10,9 @@ import pytest
 
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User, current_user
-from hpcckpt.image import ImageMeta
 from hpcckpt.core.pipeline.flush import StorePublisher
 from hpcckpt.core.pipeline.staging import StagedCheckpoint
+from hpcckpt.image import ImageMeta
 from hpcckpt.store.images import Store
 
 

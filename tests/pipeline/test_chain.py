@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hpcckpt.image.parent import ParentIndex
 from hpcckpt.core.pipeline.chain import decide_chain
+from hpcckpt.image.refs import ParentIndex
 
 
 def idx(depth: int, chain_bytes: int = 100, base_bytes: int = 100) -> ParentIndex:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from hpcckpt.catalog import Catalog, CkptRecord, Status
 from hpcckpt.context import User
-from hpcckpt.image.parent import ParentIndex
 from hpcckpt.core.pipeline.chain import decide_chain
 from hpcckpt.core.pipeline.flush import Flusher, FlushSettings, StorePublisher
+from hpcckpt.image.refs import ParentIndex
 from hpcckpt.store.retention import RetentionRules, chain_of, fallback_full, select_for_deletion
 from tests.pipeline.conftest import memory, stage
 

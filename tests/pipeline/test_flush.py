@@ -12,7 +12,6 @@ import pytest
 
 from hpcckpt.catalog import Catalog, Status, open_catalog
 from hpcckpt.context import User
-from hpcckpt.image import verify_image
 from hpcckpt.core.pipeline.flush import (
     Admission,
     Flusher,
@@ -23,6 +22,7 @@ from hpcckpt.core.pipeline.flush import (
     salvage_staging,
 )
 from hpcckpt.core.pipeline.staging import DONE_MARKER, StagedCheckpoint
+from hpcckpt.image import verify_image
 from hpcckpt.store.images import Store
 from tests.pipeline.conftest import dirs, memory, stage
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
 from hpcckpt.image import ImageMeta, PackStats, pack_dir, unpack_image, verify_image
 from hpcckpt.image import format as F
 from hpcckpt.image.codec import GIVE_UP_AFTER, Adaptive
-from hpcckpt.image.parent import ParentIndex
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError, UnsupportedImageError
+from hpcckpt.image.parent import index_image
+from hpcckpt.image.refs import ParentIndex
 from tests.pipeline.conftest import memory
 
 MiB = 1 << 20
@@ -70,7 +71,7 @@ def test_index_from_image_matches_the_writers_own(chain: Chain) -> None:
     s1 = chain.pack(1, None)
     chain.mem[:MiB] = memory(MiB, seed=5)
     s2 = chain.pack(2, s1.index)
-    read = ParentIndex.from_image(chain.path(2))
+    read = index_image(chain.path(2))
     assert s2.index is not None
     assert read.chunks == s2.index.chunks and len(read) == 8
     assert (read.depth, read.base, read.base_bytes, read.chain_bytes) == (

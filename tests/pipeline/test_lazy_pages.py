@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt.core.lazyrestore import lazy_unavailable, wants_lazy
 from hpcckpt.criu.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, lazy_ranges, read_pagemaps
 from hpcckpt.criu.pageserver import PS_IOV_ADD_F, PS_IOV_FORCE_CLOSE, PS_IOV_GET, PSI, PageServer
 from hpcckpt.errors import EngineError
-from hpcckpt.image.errors import CorruptImageError, UnsupportedImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnsupportedImageError
 from hpcckpt.image.lazy import LazyPages
 from hpcckpt.image.stream import prepare_image
-from hpcckpt.core.lazyrestore import lazy_unavailable, wants_lazy
 from tests.pipeline.test_incremental import Chain
 from tests.pipeline.test_stream import chunk_records, flip
 from tests.security.pbcraft import fv, image

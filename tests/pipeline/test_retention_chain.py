@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hpcckpt.catalog import Catalog, Status
 from hpcckpt.context import User
-from hpcckpt.store.retention import RetentionRules, apply_retention
 from hpcckpt.store.images import Store
+from hpcckpt.store.retention import RetentionRules, apply_retention
 
 
 def ckpt(cat: Catalog, store: Store, me: User, job: str, parent: int | None = None) -> int:

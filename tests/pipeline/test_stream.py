@@ -20,8 +20,8 @@ import pytest
 
 from hpcckpt.criu.streamer import SOCKET_NAME, ImageStreamer, parse_request, reply
 from hpcckpt.errors import EngineError
-from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image.stream import PreparedImage, is_bulk, prepare_image
 from tests.pipeline.test_incremental import Chain
 from tests.security import pbcraft

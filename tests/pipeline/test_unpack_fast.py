@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.errors import StoreError
-from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
+from hpcckpt.image.errors import CorruptImageError
 from hpcckpt.image.unpack import MAX_EARLY
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.criu import images as criuimg
-
-from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
+from hpcckpt.core import security
+from hpcckpt.criu import images as criuimg
 from hpcckpt.image.errors import UnsafeImageError
 from tests.security import pbcraft as pb
 from tests.security.conftest import CRIU

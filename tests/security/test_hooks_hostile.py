@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt.cluster import hooks
 from hpcckpt.context import User, user_by_name
 from hpcckpt.errors import SlurmError
 from hpcckpt.fs.safe import is_safe_component
-from hpcckpt.cluster import hooks
 from hpcckpt.slurm.env import SlurmEnv
 from tests.security.users import UnixUser, run_as
 

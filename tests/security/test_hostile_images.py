@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
+from hpcckpt.core import security
 from hpcckpt.errors import HpcckptError
-from hpcckpt.image.errors import ImageError, UnsafeImageError
 from hpcckpt.image import ImageMeta, pack_dir, read_header, unpack_image, verify_image
 from hpcckpt.image import format as F
+from hpcckpt.image.errors import ImageError, UnsafeImageError
 from hpcckpt.image.pack import _header_payload, _prepare_meta
 from hpcckpt.image.records import RecordWriter
 from tests.security import pbcraft as pb

@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-from hpcckpt.fs import safe as fsutil
-
 from hpcckpt.catalog import pg_security
 from hpcckpt.catalog.schema import SCHEMA_VERSION
+from hpcckpt.fs import safe as fsutil
 from tests.security import pgpeer
 from tests.security.users import REPO, UnixUser, hpcckpt_as, run_as, venv_bin
 

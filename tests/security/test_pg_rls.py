@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.catalog import pg_security
+from hpcckpt.catalog import pg_security, pg_setup
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError
 from tests.security import pgpeer
@@ -49,9 +49,9 @@ def _setup_catalog(srv: pgpeer.PeerServer, users: dict[str, UnixUser]) -> None:
     finally:
         cat.close()
     accounts = [(name, users[name].uid) for name in ("alice", "bob")]
-    pg_security.setup_catalog(srv.url(), ROOT, add=accounts)
+    pg_setup.setup_catalog(srv.url(), ROOT, add=accounts)
     # Idempotent: a second run (an admin re-running pg-setup) changes nothing and does not fail.
-    report = pg_security.setup_catalog(srv.url(), ROOT, add=accounts)
+    report = pg_setup.setup_catalog(srv.url(), ROOT, add=accounts)
     assert report.users == sorted(accounts) and report.role == pg_security.ADMIN_ROLE
 
 

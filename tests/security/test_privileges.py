@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.core import security
 from hpcckpt.context import User, user_by_name
+from hpcckpt.core import security
 from hpcckpt.errors import PermissionDeniedError
 from hpcckpt.image.errors import UnsafeImageError
 from tests.security import pbcraft as pb

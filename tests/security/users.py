@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt.context import User
-from hpcckpt.errors import PermissionDeniedError
 from hpcckpt.core.security import supplementary_groups
+from hpcckpt.errors import PermissionDeniedError
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_USERS = ("alice", "bob")

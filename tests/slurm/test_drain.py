@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import open_catalog
+from hpcckpt.cluster import drain, hooks
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import PermissionDeniedError, SlurmError
-from hpcckpt.cluster import drain
-from hpcckpt.cluster import hooks
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import JobOutcome, RestartRules, decide, pending_move
 from tests.slurm.fakes import FakeSlurm

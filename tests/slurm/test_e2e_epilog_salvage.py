@@ -1,7 +1,7 @@
 """The Epilog publishes the pipeline's complete staged dumps, then cleans both staging places.
 
 A real store, a real SQLite catalog and real staged dumps
-(:class:`~hpcckpt.pipeline.staging.StagedCheckpoint`); Slurm is the fake and
+(:class:`~hpcckpt.core.pipeline.staging.StagedCheckpoint`); Slurm is the fake and
 the node's tmpfs is a temp dir, so nothing here touches /dev/shm.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import Status, open_catalog
-from hpcckpt.context import User, current_user
-from hpcckpt.image import ImageMeta, verify_image
-from hpcckpt.core.pipeline.staging import TMPFS_SUBDIR, StagedCheckpoint
 from hpcckpt.cluster import hooks
+from hpcckpt.context import User, current_user
+from hpcckpt.core.pipeline.staging import TMPFS_SUBDIR, StagedCheckpoint
+from hpcckpt.image import ImageMeta, verify_image
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import RestartRules
 from tests.slurm.fakes import FakeSlurm

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from hpcckpt.catalog import Status, open_catalog
+from hpcckpt.cluster import hooks
+from hpcckpt.cluster.submit import RESUME_ENV, resubmit_options, submit_resume
 from hpcckpt.context import User, current_user
 from hpcckpt.image import ImageMeta, pack_dir
-from hpcckpt.cluster import hooks
 from hpcckpt.slurm.env import SlurmEnv
 from hpcckpt.slurm.restart_policy import RestartRules
-from hpcckpt.cluster.submit import RESUME_ENV, resubmit_options, submit_resume
 from tests.slurm.fakes import FakeSlurm
 
 JOB = "4242"
@@ -209,7 +209,7 @@ def test_restart_never_requeues_a_run_that_has_already_started(tmp_path: Path, u
 
     Requeueing then would kill the new run (seen on the real cluster: SIGTERM one second after the restart).
     """
-    from hpcckpt.slurm.restart_policy import Action, RestartKind, RestartDecision
+    from hpcckpt.slurm.restart_policy import Action, RestartDecision, RestartKind
 
     fake.jobs[JOB]["JobState"] = "RUNNING"  # the next run, already going
     decision = RestartDecision(Action.REQUEUE, RestartKind.VOLUNTARY, "exit 85", 0, [])

@@ -34,9 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hpcckpt import log as hlog
+from hpcckpt.core.launch.spawn import needs_user_namespace
 from hpcckpt.criu.netplan import close_connections
 from hpcckpt.errors import EngineError
-from hpcckpt.core.launch.spawn import needs_user_namespace
 
 _log = hlog.get("runner.network")
 

@@ -28,12 +28,13 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User
 from hpcckpt.criu.images import SIDE_DIRS
 from hpcckpt.errors import HpcckptError, StoreError
-from hpcckpt.core.pipeline.staging import remove_tree_at
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.fs.layout import scratch_dir
+from hpcckpt.fs.tree import remove_tree_at
 
 _log = hlog.get("runner.scratch")
 
@@ -41,16 +42,11 @@ SHM = Path("/dev/shm")
 VADER = "OMPI_MCA_btl_vader_backing_directory"
 
 
-def _own_base(parent: Path, user: User) -> Path:
-    return parent / f"hpcckpt-{user.uid}"
-
-
 def scratch_env(user: User, job_id: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables to add to the job's environment (only those the user did not set)."""
-    comp = fsutil.safe_job_component(job_id)
-    out = {"TMPDIR": str(_own_base(Path(environ.get("TMPDIR") or "/tmp"), user) / comp)}
+    out = {"TMPDIR": str(scratch_dir(Path(environ.get("TMPDIR") or "/tmp"), user, job_id))}
     if VADER not in environ and SHM.is_dir():
-        out[VADER] = str(_own_base(SHM, user) / comp)
+        out[VADER] = str(scratch_dir(SHM, user, job_id))
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpcckpt.image.parent import ParentIndex
+from hpcckpt.image.refs import ParentIndex
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User, node_name
+from hpcckpt.core.pipeline.chain import decide_chain
+from hpcckpt.core.pipeline.staging import STAGE_PREFIX, StagedCheckpoint
 from hpcckpt.errors import HpcckptError, StoreError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.fs.tree import remove_tree_at
 from hpcckpt.image import format as F
 from hpcckpt.image.model import PackStats
 from hpcckpt.image.pack import pack_dir
-from hpcckpt.image.parent import ParentIndex
-from hpcckpt.core.pipeline.chain import decide_chain
-from hpcckpt.core.pipeline.staging import STAGE_PREFIX, StagedCheckpoint, remove_tree_at
+from hpcckpt.image.parent import index_image
+from hpcckpt.image.refs import ParentIndex
 
 _log = hlog.get("pipeline")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -260,7 +262,7 @@ class Flusher:
     ) -> None:
         self.publisher = publisher
         self.settings = settings
-        self._parent = parent  # after a restart: ParentIndex.from_image(the image restored from)
+        self._parent = parent  # after a restart: index_image(the image restored from)
         self._on_done = on_done
         self._cond = threading.Condition()
         self._current: StagedCheckpoint | None = None
@@ -488,7 +490,7 @@ def _salvage_one(sfd: int, name: str, staged: StagedCheckpoint, publisher: Publi
     latest = publisher.latest_image(staged.meta.job_id)
     if latest is not None and settings.incremental:
         try:
-            parent = ParentIndex.from_image(latest)
+            parent = index_image(latest)
         except HpcckptError as exc:  # a full image is always possible
             _log.warning("salvage: %s cannot be a parent (%s); writing a full image", latest, exc)
     fd = os.open(name, _DIR_FLAGS, dir_fd=sfd)

@@ -32,10 +32,12 @@ from typing import Any
 
 import psutil
 
-from hpcckpt.fs import safe as fsutil
 from hpcckpt import log as hlog
 from hpcckpt.context import User
 from hpcckpt.errors import StoreError, UnsafePathError
+from hpcckpt.fs import safe as fsutil
+from hpcckpt.fs.layout import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, StagingLayout
+from hpcckpt.fs.tree import remove_tree_at
 from hpcckpt.image.model import (
     FieldError,
     ImageMeta,
@@ -47,13 +49,9 @@ from hpcckpt.image.model import (
 )
 
 _log = hlog.get("staging")
-TMPFS = Path("/dev/shm")
-TMPFS_SUBDIR = "hpcckpt-staging"
 DEFAULT_FACTOR = 1.5  # dump ~ RSS, plus headroom for the page cache and the job growing
-DONE_MARKER = ".done"
 META_FILE = "meta.json"
 DUMP_DIR = "dump"
-STAGE_PREFIX = "stage-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_META = 64 << 20
 
@@ -89,11 +87,7 @@ def job_rss(pid: int) -> int:
 
 def staging_candidates(user: User, job_id: str, disk_root: Path | None, tmpfs: Path = TMPFS) -> list[Path]:
     """Every place a job's staging may be, for the epilog to look in."""
-    comp = fsutil.safe_job_component(job_id)
-    out = [tmpfs / TMPFS_SUBDIR / user.name / comp]
-    if disk_root is not None:
-        out.append(Path(disk_root) / user.name / comp)
-    return out
+    return StagingLayout(Path(disk_root) if disk_root is not None else None, tmpfs).candidates(user, job_id)
 
 
 def choose_staging(
@@ -134,14 +128,15 @@ def choose_staging(
             hint="set storage.staging to a node-local disk directory in the policy, or turn off "
             "pipeline.async_flush",
         )
-    path = base / user.name / fsutil.safe_job_component(job_id)
+    layout = StagingLayout(Path(disk_root) if disk_root is not None else None, tmpfs)
+    path = layout.job_dir(base, user, job_id)
     try:
         fsutil.ensure_private_dir(path, user.uid, user.gid, base=base)
     except StoreError as exc:
         if kind != "tmpfs" or disk_root is None:
             raise
         # A tmpfs staging area the admin made for root-run jobs only: node-local disk will do.
-        path = Path(disk_root) / user.name / fsutil.safe_job_component(job_id)
+        path = layout.job_dir(Path(disk_root), user, job_id)
         fsutil.ensure_private_dir(path, user.uid, user.gid, base=Path(disk_root))
         return StagingChoice(path, "disk", f"{reason}; but {exc.message}; using storage.staging")
     return StagingChoice(path, kind, reason)
@@ -202,28 +197,6 @@ def _read_file_at(dir_fd: int, name: str, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
-
-
-def remove_tree_at(parent_fd: int, name: str) -> None:
-    """rm -r ``name`` below ``parent_fd``: symlinks inside are unlinked, never followed."""
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except FileNotFoundError:
-        return
-    except OSError:  # a file or a symlink (ELOOP): unlink it, never follow it
-        os.unlink(name, dir_fd=parent_fd)
-        return
-    try:
-        for child, st in list(fsutil.iter_dir_nofollow(fd)):
-            if stat.S_ISDIR(st.st_mode):
-                remove_tree_at(fd, child)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(name, dir_fd=parent_fd)
 
 
 @dataclass

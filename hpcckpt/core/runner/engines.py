@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from hpcckpt.catalog import Catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult
 from hpcckpt.context import User
+from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.policy import Policy
 

@@ -6,7 +6,7 @@ lazy-pages daemon gone). The runner then sees its job die; here that death
 is turned into a resume from the checkpoint before the one that failed,
 said in the log, instead of the end of the job. The job loses only what it
 did since the restore (no checkpoint can have been taken from it: the
-Checkpointer waits for :attr:`~hpcckpt.lazyrestore.LazyRestore.resident`).
+Checkpointer waits for :attr:`~hpcckpt.core.lazyrestore.LazyRestore.resident`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 
 from hpcckpt import log as hlog
-from hpcckpt.errors import DeadlineExceededError, EngineError, HpcckptError
-from hpcckpt.image.parent import ParentIndex
 from hpcckpt.core.lazyrestore import LazyRestore, describe_failure
 from hpcckpt.core.resume import Restored
 from hpcckpt.core.runner.runner import Runner
+from hpcckpt.errors import DeadlineExceededError, EngineError, HpcckptError
+from hpcckpt.image.refs import ParentIndex
 
 _log = hlog.get("runner.lazy")
 

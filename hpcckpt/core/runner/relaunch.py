@@ -33,12 +33,10 @@ from typing import Any
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import current_user, node_name, resolve_catalog_url, resolve_store_root
-from hpcckpt.errors import UsageError
-from hpcckpt.jobid import JobIdentity, resolve, validate_job_id
+from hpcckpt.core.launch.spawn import set_child_subreaper
 from hpcckpt.core.lease import DEFAULT_TTL_S, LeaseState, acquire
 from hpcckpt.core.runner.control import ControlServer
 from hpcckpt.core.runner.engines import EngineFactory, EngineSetup
-from hpcckpt.core.launch.spawn import set_child_subreaper
 from hpcckpt.core.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
 from hpcckpt.core.runner.session import (
     RESUME_FROM_ENV,
@@ -48,6 +46,8 @@ from hpcckpt.core.runner.session import (
     deadline_seconds,
     interval_chooser,
 )
+from hpcckpt.errors import UsageError
+from hpcckpt.jobid import JobIdentity, resolve, validate_job_id
 
 _log = hlog.get("session")
 

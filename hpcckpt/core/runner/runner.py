@@ -47,13 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.criu import procinfo
-from hpcckpt.core.checkpoint import CriuCheckpointer, CheckpointResult, signal_tree
-from hpcckpt.errors import HpcckptError
-from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_STORE
+from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer, signal_tree
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.core.runner.control import ControlServer, reply
 from hpcckpt.core.runner.engines import CriuEngine, JobEngine
+from hpcckpt.criu import procinfo
+from hpcckpt.errors import HpcckptError
+from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_STORE
 
 _log = hlog.get("runner")
 
@@ -179,12 +179,13 @@ class RunnerConfig:
 
 
 class Runner:
-    """Drives one job under any engine (:mod:`hpcckpt.core.runner.engines`): a CRIU CriuCheckpointer, or an app engine."""
+    """Drives one job under any engine (:mod:`hpcckpt.core.runner.engines`): a CriuCheckpointer, or an app engine."""
 
     def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer | JobEngine, control: ControlServer | None,
                  signals: SignalQueue | None = None) -> None:
         self.cfg = cfg
-        self.engine: JobEngine = CriuEngine(checkpointer) if isinstance(checkpointer, CriuCheckpointer) else checkpointer
+        criu = isinstance(checkpointer, CriuCheckpointer)
+        self.engine: JobEngine = CriuEngine(checkpointer) if criu else checkpointer
         self.control = control
         self.signals = signals or SignalQueue(cfg.signals)
         self.engine.notify = self.signals.wake

@@ -36,32 +36,33 @@ from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.catalog import Catalog, open_catalog
-from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
-from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
-from hpcckpt.criu.engine import Criu
-from hpcckpt.errors import HpcckptError, JobFinishedError, NotFoundError, UsageError
-from hpcckpt.exitcodes import EXIT_REQUEUE
-from hpcckpt.image.parent import ParentIndex
-from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
+from hpcckpt.core.launch import scratch
+from hpcckpt.core.launch.network import HOST, JobNetwork
+from hpcckpt.core.launch.spawn import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
 from hpcckpt.core.lease import DEFAULT_TTL_S, Lease, LeaseRecord, LeaseState, acquire
-from hpcckpt.observe.metrics import close_job_metrics, start_job_metrics
 from hpcckpt.core.pipeline.compress import compression_workers
 from hpcckpt.core.pipeline.flush import FlushSettings, Publisher, StorePublisher
 from hpcckpt.core.pipeline.predump import PreDumpPlan, plan_predump
+from hpcckpt.core.resume import Restored, Resumer
+from hpcckpt.core.runner import lazywatch
+from hpcckpt.core.runner.control import ControlServer
+from hpcckpt.core.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
+from hpcckpt.core.security import become
+from hpcckpt.criu.engine import Criu
+from hpcckpt.criu.interface import CheckpointEngine, DumpOptions
+from hpcckpt.errors import HpcckptError, JobFinishedError, NotFoundError, UsageError
+from hpcckpt.exitcodes import EXIT_REQUEUE
+from hpcckpt.image.parent import index_image
+from hpcckpt.image.refs import ParentIndex
+from hpcckpt.jobid import JobIdentity, resolve
+from hpcckpt.observe.metrics import close_job_metrics, start_job_metrics
 from hpcckpt.policy import Policy, load_policy
 from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
-from hpcckpt.core.resume import Restored, Resumer
-from hpcckpt.store.retention import RetentionRules, apply_retention
-from hpcckpt.core.runner import lazywatch
-from hpcckpt.core.launch import scratch
-from hpcckpt.core.runner.control import ControlServer
-from hpcckpt.core.launch.spawn import StdioPipes, set_child_subreaper, spawn_in_pid_namespace
-from hpcckpt.core.launch.network import HOST, JobNetwork
-from hpcckpt.core.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQueue
-from hpcckpt.core.security import become
 from hpcckpt.store.images import Store
+from hpcckpt.store.retention import RetentionRules, apply_retention
 
 _log = hlog.get("session")
 RESUME_FROM_ENV = "HPCCKPT_RESUME_FROM"
@@ -200,7 +201,7 @@ def _chain_parent(env: Environment, restored: Restored | None) -> ParentIndex | 
     if restored is None or restored.image is None or not env.policy.pipeline.incremental:
         return None
     try:
-        return ParentIndex.from_image(restored.image)
+        return index_image(restored.image)
     except HpcckptError as err:
         hlog.event(_log, "runner.no_parent", f"{restored.image} cannot be the next checkpoint's parent: {err}; "
                    "the next checkpoint is a full image", 30)
@@ -448,13 +449,6 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
         lease.give_back()
         raise
     return _drive(runner, env, lease, _catalog_opener(env))
-
-
-def submit_resume_job(job_id: str, opts: SessionOptions, *, extra_options: Sequence[str] = ()) -> str:
-    """``hpcckpt resume JOBID --submit``: a new Slurm job that resumes JOBID; returns its id. No CRIU needed."""
-    from hpcckpt.cluster.submit import resubmit
-
-    return resubmit(job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy, extra_options=extra_options)
 
 
 def _drive(runner: Runner, env: Environment, lease: Lease, opener: Callable[[], Catalog]) -> int:

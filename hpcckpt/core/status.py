@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt.context import node_name
-from hpcckpt.observe.jobstats import JobStats
 from hpcckpt.core.runner import control
+from hpcckpt.observe.jobstats import JobStats
+
 FAILING_RUN = 3  # this many failed attempts in a row is a warning
 STALE_INTERVALS = 2
 
