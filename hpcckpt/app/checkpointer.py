@@ -33,9 +33,13 @@ from hpcckpt.app.coord import Coordinator, MPICoordinator, coordinator_for
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.requests import CHECKPOINT, STOP, RequestReader
 from hpcckpt.app.signals import PreemptFlag
+from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import MPIError, UsageError
 from hpcckpt.image import ImageMeta
+from hpcckpt.policy import load_policy
+from hpcckpt.policy.daly import choose_interval
+from hpcckpt.store.images import Store
 
 _log = hlog.get("app")
 
@@ -97,8 +101,6 @@ class Checkpointer:
     ) -> None:
         self._coord: Coordinator = coordinator_for(comm)
         if policy is None:
-            from hpcckpt.policy import load_policy
-
             policy = load_policy()
         self.policy = policy
         ctx = job_context(policy, job_id=job_id, store=store, catalog=catalog, interval=interval)
@@ -150,7 +152,6 @@ class Checkpointer:
         """Seconds between checkpoints that ``due()`` currently uses."""
         if self.ctx.interval != "auto":
             return float(self.ctx.interval)
-        from hpcckpt.policy.daly import choose_interval
 
         seconds, self._interval_inputs = choose_interval(self.policy, self._costs)
         return float(seconds)
@@ -189,9 +190,6 @@ class Checkpointer:
     # -- save and restore ---------------------------------------------------
 
     def _rank0_store(self) -> twophase.Rank0:
-        from hpcckpt.catalog import open_catalog
-        from hpcckpt.store.images import Store
-
         if self._store is None:
             self._store = Store(self.ctx.store_root, self.user)
             self._catalog = open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user)

@@ -44,11 +44,13 @@ from hpcckpt import log as hlog
 from hpcckpt.app import launched, shards
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.signals import signal_number
+from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User
 from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, UsageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
+from hpcckpt.store.images import Store
 
 _log = hlog.get("app.files")
 
@@ -120,9 +122,6 @@ class FilesJob:
     policy: Any
 
     def _open(self) -> tuple[Any, Any]:
-        from hpcckpt.catalog import open_catalog
-        from hpcckpt.store.images import Store
-
         return (Store(self.ctx.store_root, self.user),
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))
 

@@ -26,6 +26,7 @@ from hpcckpt.catalog import Catalog
 from hpcckpt.context import User
 from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer
 from hpcckpt.core.pipeline.flush import FlushResult
+from hpcckpt.errors import HpcckptError
 from hpcckpt.policy import Policy
 
 Result = CheckpointResult | FlushResult
@@ -149,8 +150,6 @@ class CriuEngine:
         return self.ckpt.in_flight()
 
     def has_image(self) -> bool:
-        from hpcckpt.errors import HpcckptError
-
         try:
             job = self.ckpt.job
             return self.ckpt.catalog.latest(job.identity.job_id, uid=job.user.uid) is not None

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import Catalog, open_catalog
-from hpcckpt.context import current_user, node_name, resolve_catalog_url, resolve_store_root
+from hpcckpt.catalog import Catalog
+from hpcckpt.context import current_user, node_name
 from hpcckpt.core.launch.spawn import set_child_subreaper
 from hpcckpt.core.lease import DEFAULT_TTL_S, LeaseState, acquire
 from hpcckpt.core.runner.control import ControlServer
@@ -41,10 +41,10 @@ from hpcckpt.core.runner.runner import Runner, RunnerConfig, SignalPlan, SignalQ
 from hpcckpt.core.runner.session import (
     RESUME_FROM_ENV,
     SessionOptions,
-    _load_policy,
     _refuse_finished,
     deadline_seconds,
     interval_chooser,
+    load_site,
 )
 from hpcckpt.errors import UsageError
 from hpcckpt.jobid import JobIdentity, resolve, validate_job_id
@@ -77,10 +77,8 @@ def launch_record(engine: str, argv: Sequence[str], cwd: str, env: Mapping[str, 
 
 def recorded_launch(opts: SessionOptions, job_id: str) -> dict[str, Any] | None:
     """The launch record of job ``job_id`` (None: not a files/api job, or never run under hpcckpt run)."""
-    pol = _load_policy(opts)
     user = current_user()
-    root = resolve_store_root(opts.store, pol.storage.root)
-    cat = open_catalog(resolve_catalog_url(opts.catalog, pol.storage.catalog), root, user)
+    cat = load_site(opts).open_catalog(user)
     try:
         lease = cat.get_lease(job_id, uid=user.uid)
     finally:
@@ -98,15 +96,14 @@ class _Site:
 
 
 def _site(opts: SessionOptions, job_id: str) -> _Site:
-    pol = _load_policy(opts)
+    site = load_site(opts)
+    pol = site.policy
     user = current_user()
-    root = resolve_store_root(opts.store, pol.storage.root)
-    url = resolve_catalog_url(opts.catalog, pol.storage.catalog)
 
     def opener() -> Catalog:
-        return open_catalog(url, root, user)
+        return site.open_catalog(user)
 
-    setup = EngineSetup(job_id=job_id, policy=pol, user=user, store_root=root, catalog_url=url,
+    setup = EngineSetup(job_id=job_id, policy=pol, user=user, store_root=site.store_root, catalog_url=site.catalog_url,
                         open_catalog=opener, deadline_s=deadline_seconds(pol, opts.deadline))
     return _Site(setup, opener())
 

@@ -184,8 +184,8 @@ class Runner:
     def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer | JobEngine, control: ControlServer | None,
                  signals: SignalQueue | None = None) -> None:
         self.cfg = cfg
-        criu = isinstance(checkpointer, CriuCheckpointer)
-        self.engine: JobEngine = CriuEngine(checkpointer) if criu else checkpointer
+        self.engine: JobEngine = (CriuEngine(checkpointer) if isinstance(checkpointer, CriuCheckpointer)
+                                  else checkpointer)
         self.control = control
         self.signals = signals or SignalQueue(cfg.signals)
         self.engine.notify = self.signals.wake
