@@ -200,9 +200,9 @@ class Checkpointer:
             "step": self.ctx.step,
             "array_job_id": self.ctx.array_job_id,
             "array_task_id": self.ctx.array_task_id,
-            "parent": self._parent,
+            # Each image is whole (no chunk of another): no parent, so that retention may delete the one before.
             "requeue_count": self.ctx.requeue_count,
-            "meta": {"app": {"ranks": self.size, "shard_pattern": shards.SHARD_PATTERN}},
+            "meta": {"app": {"ranks": self.size, "shard_pattern": shards.SHARD_PATTERN, "previous": self._parent}},
         }
         return twophase.Rank0(self._store, self._catalog, begin)
 
@@ -212,7 +212,6 @@ class Checkpointer:
             ckptid=0,
             job_id=ctx.job_id,
             engine="app",
-            parent_ckptid=self._parent,
             step=ctx.step,
             array_job_id=ctx.array_job_id,
             array_task_id=ctx.array_task_id,

@@ -126,17 +126,21 @@ class FilesJob:
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))
 
     def capture(self, paths: Sequence[Path], parent: int | None) -> int:
-        """Pack ``paths`` into a new committed image; return its ckptid."""
+        """Pack ``paths`` into a new committed image; return its ckptid.
+
+        The image is whole (it refers to no chunk of another), so it names no parent: retention may
+        delete the one before. ``parent``, the capture before, is kept in the row's meta as ``previous``.
+        """
         store, cat = self._open()
         try:
             with shards.staging_dir(self.policy.storage.staging) as stage:
                 shards.capture_files(paths, stage)
                 comp = self.policy.storage.compression
                 with store.publish(cat, job_id=self.ctx.job_id, engine=ENGINE, node=self.ctx.node,
-                                   step=self.ctx.step, parent=parent, requeue_count=self.ctx.requeue_count,
-                                   meta={"files": [str(p) for p in paths]}) as pub:
+                                   step=self.ctx.step, requeue_count=self.ctx.requeue_count,
+                                   meta={"files": [str(p) for p in paths], "previous": parent}) as pub:
                     meta = ImageMeta(
-                        ckptid=pub.ckptid, job_id=self.ctx.job_id, engine=ENGINE, parent_ckptid=parent,
+                        ckptid=pub.ckptid, job_id=self.ctx.job_id, engine=ENGINE,
                         step=self.ctx.step, slurm=dict(self.ctx.slurm), uid=self.user.uid, gid=self.user.gid,
                         user=self.user.name, node=self.ctx.node, cmdline=list(self.ctx.cmdline),
                         cwd=str(self.cwd), policy_digest=self.policy.digest(),

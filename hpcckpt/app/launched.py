@@ -20,11 +20,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcckpt import log as hlog
 from hpcckpt.catalog import CkptRecord
 from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.core.runner.engines import EngineSetup, Launched, Result
 from hpcckpt.criu import procinfo
 from hpcckpt.errors import HpcckptError, UsageError
+from hpcckpt.store.images import Store
+from hpcckpt.store.retention import RetentionRules, apply_retention
+
+_log = hlog.get("app")
 
 PR_SET_PDEATHSIG = 1
 _ERRNO = struct.Struct("<i")
@@ -144,7 +149,21 @@ class AppEngineBase:
     def collect(self) -> list[Result]:
         out: list[Result] = list(self._results)
         self._results.clear()
+        if out:
+            self._retain()
         return out
+
+    def _retain(self) -> None:
+        """Retention after new commits, as the CRIU engine's flusher applies it (policy ``retention.*``)."""
+        rules = RetentionRules.from_policy(self.setup.policy)
+        try:
+            cat = self.setup.open_catalog()
+            try:
+                apply_retention(cat, Store(self.setup.store_root, self.setup.user), rules, job_id=self.setup.job_id)
+            finally:
+                cat.close()
+        except HpcckptError as err:  # the images stay: a later commit or 'hpcckpt gc' tries again
+            hlog.event(_log, "retention.failed", f"job {self.setup.job_id}: retention failed: {err}", 30)
 
     def finish(self, timeout: float | None, *, job_ended: bool = True) -> bool:
         return True  # nothing is flushed in the background: each image was committed by who wrote it
