@@ -31,10 +31,15 @@ from hpcckpt import log as hlog
 from hpcckpt.app import shards, twophase
 from hpcckpt.app.coord import Coordinator, MPICoordinator, coordinator_for
 from hpcckpt.app.jobenv import JobContext, job_context
+from hpcckpt.app.requests import CHECKPOINT, STOP, RequestReader
 from hpcckpt.app.signals import PreemptFlag
+from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.errors import MPIError, UsageError
 from hpcckpt.image import ImageMeta
+from hpcckpt.policy import load_policy
+from hpcckpt.policy.daly import choose_interval
+from hpcckpt.store.images import Store
 
 _log = hlog.get("app")
 
@@ -96,8 +101,6 @@ class Checkpointer:
     ) -> None:
         self._coord: Coordinator = coordinator_for(comm)
         if policy is None:
-            from hpcckpt.policy import load_policy
-
             policy = load_policy()
         self.policy = policy
         ctx = job_context(policy, job_id=job_id, store=store, catalog=catalog, interval=interval)
@@ -112,6 +115,8 @@ class Checkpointer:
             names = list(signals) if signals is not None else list(policy.preemption.signals)
             self._flag.install(names)
         self._requested = False
+        # Under 'hpcckpt run --engine app' the runner's requests (hpcckpt.app.requests); rank 0 reads them.
+        self._runner_requests = RequestReader.from_env() if self._coord.rank == 0 else None
         self._last = time.monotonic()
         self._costs: list[float] = []
         self._interval_inputs: dict[str, Any] = {}
@@ -147,7 +152,6 @@ class Checkpointer:
         """Seconds between checkpoints that ``due()`` currently uses."""
         if self.ctx.interval != "auto":
             return float(self.ctx.interval)
-        from hpcckpt.policy.daly import choose_interval
 
         seconds, self._interval_inputs = choose_interval(self.policy, self._costs)
         return float(seconds)
@@ -169,6 +173,13 @@ class Checkpointer:
             bits |= _DUE_SIGNAL
         if self._requested:
             bits |= _DUE_REQUEST
+        if self._runner_requests is not None:
+            words = self._runner_requests.poll()
+            if STOP in words:
+                bits |= _DUE_SIGNAL
+            if CHECKPOINT in words:
+                self._requested = True
+                bits |= _DUE_REQUEST
         if self.rank == 0 and time.monotonic() - self._last >= self.interval:
             bits |= _DUE_INTERVAL
         agreed = self._coord.allreduce_bits(bits)
@@ -179,9 +190,6 @@ class Checkpointer:
     # -- save and restore ---------------------------------------------------
 
     def _rank0_store(self) -> twophase.Rank0:
-        from hpcckpt.catalog import open_catalog
-        from hpcckpt.store.images import Store
-
         if self._store is None:
             self._store = Store(self.ctx.store_root, self.user)
             self._catalog = open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user)
@@ -192,9 +200,9 @@ class Checkpointer:
             "step": self.ctx.step,
             "array_job_id": self.ctx.array_job_id,
             "array_task_id": self.ctx.array_task_id,
-            "parent": self._parent,
+            # Each image is whole (no chunk of another): no parent, so that retention may delete the one before.
             "requeue_count": self.ctx.requeue_count,
-            "meta": {"app": {"ranks": self.size, "shard_pattern": shards.SHARD_PATTERN}},
+            "meta": {"app": {"ranks": self.size, "shard_pattern": shards.SHARD_PATTERN, "previous": self._parent}},
         }
         return twophase.Rank0(self._store, self._catalog, begin)
 
@@ -204,7 +212,6 @@ class Checkpointer:
             ckptid=0,
             job_id=ctx.job_id,
             engine="app",
-            parent_ckptid=self._parent,
             step=ctx.step,
             array_job_id=ctx.array_job_id,
             array_task_id=ctx.array_task_id,

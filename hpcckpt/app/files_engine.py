@@ -15,10 +15,14 @@ When to capture:
 * without it: the files are watched, and captured each time they changed
   and settled (the program's own schedule).
 
-On a preemption signal (policy ``preemption.signals``) the files are
-captured one last time, the signal is passed on to the program, and hpcckpt
-exits with 85 (checkpointed and stopped: requeue me). Otherwise it exits
-with the program's status, or 128+N when a signal N ended it.
+The same :class:`~hpcckpt.runner.runner.Runner` as for CRIU jobs drives it
+(:class:`FilesEngine`): the interval, ``hpcckpt checkpoint JOB`` (captures
+the files now), and preemption: on a preemption signal (policy
+``preemption.signals``) the files are captured one last time, the program
+gets SIGTERM (KILL at the deadline), and hpcckpt exits with 85 (checkpointed
+and stopped: requeue me). Otherwise it exits with the program's status, or
+128+N when a signal N ended it. ``hpcckpt resume JOB`` runs the recorded
+command again, with the files put back.
 
 A file is only captured after it stayed unchanged (size and mtime) for
 SETTLE seconds: a restart file caught half-written would be worse than none.
@@ -26,10 +30,10 @@ SETTLE seconds: a restart file caught half-written would be worse than none.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.app import shards
+from hpcckpt.app import launched, shards
 from hpcckpt.app.jobenv import JobContext, job_context
-from hpcckpt.app.signals import PreemptFlag, signal_number
-from hpcckpt.context import User, current_user
-from hpcckpt.errors import HpcckptError, UsageError
-from hpcckpt.exitcodes import EXIT_REQUEUE
+from hpcckpt.app.signals import signal_number
+from hpcckpt.catalog import open_catalog
+from hpcckpt.context import User
+from hpcckpt.core.checkpoint import CheckpointResult
+from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
+from hpcckpt.errors import DeadlineExceededError, HpcckptError, UsageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
+from hpcckpt.store.images import Store
 
 _log = hlog.get("app.files")
 
@@ -115,24 +122,25 @@ class FilesJob:
     policy: Any
 
     def _open(self) -> tuple[Any, Any]:
-        from hpcckpt.catalog import open_catalog
-        from hpcckpt.store.images import Store
-
         return (Store(self.ctx.store_root, self.user),
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))
 
     def capture(self, paths: Sequence[Path], parent: int | None) -> int:
-        """Pack ``paths`` into a new committed image; return its ckptid."""
+        """Pack ``paths`` into a new committed image; return its ckptid.
+
+        The image is whole (it refers to no chunk of another), so it names no parent: retention may
+        delete the one before. ``parent``, the capture before, is kept in the row's meta as ``previous``.
+        """
         store, cat = self._open()
         try:
             with shards.staging_dir(self.policy.storage.staging) as stage:
                 shards.capture_files(paths, stage)
                 comp = self.policy.storage.compression
                 with store.publish(cat, job_id=self.ctx.job_id, engine=ENGINE, node=self.ctx.node,
-                                   step=self.ctx.step, parent=parent, requeue_count=self.ctx.requeue_count,
-                                   meta={"files": [str(p) for p in paths]}) as pub:
+                                   step=self.ctx.step, requeue_count=self.ctx.requeue_count,
+                                   meta={"files": [str(p) for p in paths], "previous": parent}) as pub:
                     meta = ImageMeta(
-                        ckptid=pub.ckptid, job_id=self.ctx.job_id, engine=ENGINE, parent_ckptid=parent,
+                        ckptid=pub.ckptid, job_id=self.ctx.job_id, engine=ENGINE,
                         step=self.ctx.step, slurm=dict(self.ctx.slurm), uid=self.user.uid, gid=self.user.gid,
                         user=self.user.name, node=self.ctx.node, cmdline=list(self.ctx.cmdline),
                         cwd=str(self.cwd), policy_digest=self.policy.digest(),
@@ -172,33 +180,49 @@ class FilesJob:
         return None
 
 
-def _interval(ctx: JobContext, policy: Any) -> float:
-    if ctx.interval == "auto":
-        from hpcckpt.policy.daly import choose_interval
+class FilesEngine(launched.AppEngineBase):
+    """The ``files`` engine under the Runner: captures the program's restart files (module docstring)."""
 
-        return float(choose_interval(policy, [])[0])
-    return float(ctx.interval)
+    name = "files"
+    image_engine = ENGINE
+    poll_s: float | None = POLL
 
-
-def _exit_status(code: int) -> int:
-    return 128 - code if code < 0 else code
-
-
-class FilesRunner:
-    """Runs the command and captures its files; ``clock``/``sleep`` are injectable for tests."""
-
-    def __init__(self, job: FilesJob, cmd: Sequence[str], app_signal: int | None, interval: float,
-                 preempt_signals: Sequence[str], grace: float) -> None:
-        self.job = job
-        self.cmd = list(cmd)
+    def __init__(self, setup: EngineSetup, patterns: Sequence[str], app_signal: int | None) -> None:
+        super().__init__(setup)
+        if not patterns:
+            raise UsageError("the files engine needs --app-files", hint="e.g. --app-files 'restart.*'")
+        ctx = job_context(setup.policy, job_id=setup.job_id, store=setup.store_root, catalog=setup.catalog_url)
+        self.job = FilesJob(ctx, setup.user, list(patterns), Path.cwd(), setup.policy)
         self.app_signal = app_signal
-        self.interval = interval
-        self.preempt_signals = list(preempt_signals)
-        self.grace = grace
-        self.last: int | None = None
-        self.watch = SettleWatch(lambda: fingerprint(matching_files(job.patterns, job.cwd)))
+        self.grace = float(setup.policy.preemption.grace_time)
+        self.watch = SettleWatch(lambda: fingerprint(matching_files(self.job.patterns, self.job.cwd)))
 
-    def _capture_now(self, fp: Fingerprint) -> None:
+    def launch(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Launched:
+        """Put back the newest image's files (if any), then start the program, told whether it restarts."""
+        self.job.cwd = Path(cwd)
+        ckptid = self.job.restore_latest()
+        child_env = dict(env)
+        if ckptid is not None:
+            child_env["HPCCKPT_RESTART"] = "1"
+            child_env["HPCCKPT_CKPTID"] = str(ckptid)
+        else:
+            child_env.pop("HPCCKPT_RESTART", None)
+            child_env.pop("HPCCKPT_CKPTID", None)
+        self.last = ckptid
+        # What was just restored must not be captured again as if new.
+        self.watch.mark_captured(fingerprint(matching_files(self.job.patterns, self.job.cwd)))
+        got = launched.spawn(argv, child_env, cwd)
+        self.pid = got.pid
+        return got
+
+    def _row(self, ckptid: int, key: str, t0: float) -> CheckpointResult | None:
+        for rec in self._catalog_rows():
+            if rec.ckptid == ckptid:
+                return self._result(rec, key, seconds=time.monotonic() - t0)
+        return None
+
+    def _capture_now(self, fp: Fingerprint, key: str) -> CheckpointResult | None:
+        t0 = time.monotonic()
         paths = [Path(p) for p, _size, _mtime in fp]
         try:
             self.last = self.job.capture(paths, self.last)
@@ -206,106 +230,87 @@ class FilesRunner:
         except (OSError, UsageError) as err:
             # The files vanished or changed under us: try again at the next chance.
             hlog.event(_log, "app.files_capture_failed", f"capture failed: {err}", 30)
+            return None
+        return self._row(self.last, key, t0)
 
-    def _signal_and_capture(self, child: subprocess.Popen[bytes], deadline: float) -> None:
+    def _signal_and_capture(self, pid: int, until: float, key: str) -> CheckpointResult | None:
         """Ask the program to write its restart files, wait until they settle, capture them."""
         assert self.app_signal is not None
         before = self.watch.captured
-        child.send_signal(self.app_signal)
-        while time.monotonic() < deadline and child.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, self.app_signal)
+        while time.monotonic() < until and not launched.exited(pid):
             fp = self.watch.poll()
             if fp is not None and fp != before:
-                self._capture_now(fp)
-                return
+                return self._capture_now(fp, key)
             time.sleep(POLL)
         hlog.event(_log, "app.files_no_restart", "the program wrote no new restart files in time", 30)
+        return None
 
-    def run(self, env: Mapping[str, str]) -> int:
-        flag = PreemptFlag()
-        flag.install(self.preempt_signals)
-        try:
-            child = subprocess.Popen(self.cmd, env=dict(env), cwd=self.job.cwd)
-        except OSError as err:
-            flag.uninstall()
-            raise UsageError(f"{self.cmd[0]}: cannot start: {err.strerror}",
-                             hint="check the command after '--'") from err
-        # What was just restored must not be captured again as if new.
-        self.watch.mark_captured(fingerprint(matching_files(self.job.patterns, self.job.cwd)))
-        next_due = time.monotonic() + self.interval
-        try:
-            while child.poll() is None:
-                if flag.is_set:
-                    return self._preempted(child, flag.signum or signal.SIGTERM)
-                if self.app_signal is not None:
-                    if time.monotonic() >= next_due:
-                        self._signal_and_capture(child, time.monotonic() + self.grace)
-                        next_due = time.monotonic() + self.interval
-                else:
-                    fp = self.watch.poll()
-                    if fp is not None:
-                        self._capture_now(fp)
-                time.sleep(POLL)
-            return _exit_status(child.returncode)
-        finally:
-            flag.uninstall()
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    def _current(self, key: str) -> CheckpointResult | None:
+        """The files as they are now, captured if they changed since the last capture."""
+        fp = fingerprint(matching_files(self.job.patterns, self.job.cwd))
+        if fp and fp != self.watch.captured:
+            return self._capture_now(fp, key)
+        return None
 
-    def _preempted(self, child: subprocess.Popen[bytes], signum: int) -> int:
-        deadline = time.monotonic() + self.grace
-        hlog.event(_log, "app.files_preempted", f"signal {signum}: capturing restart files, then stopping")
+    def _latest(self, key: str) -> CheckpointResult | None:
+        """Nothing new to capture: the newest image already holds the files as they are."""
+        rows = self._catalog_rows()
+        return self._result(rows[0], key) if rows else None
+
+    def collect(self) -> list[launched.Result]:
+        if self.app_signal is None and self.pid > 0 and not launched.exited(self.pid):
+            fp = self.watch.poll()  # the program's own schedule: capture what settled
+            if fp is not None:
+                res = self._capture_now(fp, self._pending.pop(0) if self._pending else "")
+                if res is not None:
+                    self._results.append(res)
+        return super().collect()
+
+    def take(self, pid: int) -> Taken | None:
+        if self.app_signal is None:
+            return None  # captured as the program writes them (collect)
+        key = self._key()
+        res = self._signal_and_capture(pid, time.monotonic() + self.grace, key)
+        if res is None:
+            return None
+        self._results.append(res)
+        # The cost an 'auto' interval weighs: from the signal to the capture (the runner waited that long).
+        return Taken(key, res.total_s)
+
+    def request(self, pid: int) -> Taken | None:
+        key = self._key()
         if self.app_signal is not None:
-            self._signal_and_capture(child, deadline)
+            res = self._signal_and_capture(pid, time.monotonic() + self.grace, key)
         else:
-            fp = fingerprint(matching_files(self.job.patterns, self.job.cwd))
-            if fp and fp != self.watch.captured:
-                self._capture_now(fp)
-        child.send_signal(signum)
-        try:
-            child.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        return EXIT_REQUEUE
+            res = self._current(key)
+        res = res or self._latest(key)
+        if res is None:
+            raise UsageError("the program has written no restart files yet (nothing matches "
+                             f"{' '.join(self.job.patterns)!r} in {self.job.cwd})")
+        self._results.append(res)
+        return Taken(key)
+
+    def checkpoint(self, pid: int, *, final: bool = False, deadline: float | None = None,
+                   thaw_on_failure: bool = True) -> CheckpointResult:
+        until = deadline if deadline is not None else time.monotonic() + self.grace
+        key = self._key()
+        res = self._signal_and_capture(pid, until, key) if self.app_signal is not None else self._current(key)
+        res = res or self._latest(key)
+        if final:
+            # The program is ended as the scheduler would have: TERM, then KILL at the deadline.
+            launched.signal_job(pid, signal.SIGTERM)
+            launched.end_job(pid, max(until, time.monotonic() + 1.0))
+        if res is None:
+            raise DeadlineExceededError("no restart files could be captured: the program wrote none "
+                                        f"matching {' '.join(self.job.patterns)!r}")
+        res.final = final
+        return res
 
 
-def run_files_engine(
-    cmd: Sequence[str],
-    policy: Any,
-    *,
-    app_files: Sequence[str],
-    app_signal: str | None = None,
-    interval: str | None = None,
-    job_id: str | None = None,
-    store: str | None = None,
-    catalog: str | None = None,
-) -> int:
-    """``hpcckpt run --engine app``: run ``cmd``, capturing its restart files ``app_files`` (globs)."""
-    patterns = list(app_files)
-    cmd = list(cmd)
-    if not patterns:
-        raise UsageError("--engine app needs --app-files", hint="e.g. --app-files 'restart.*'")
-    if not cmd:
-        raise UsageError("no command to run", hint="hpcckpt run --engine app --app-files 'rst.*' -- ./code")
-    app_sig = signal_number(app_signal) if app_signal else None
-    # Without --job-id outside Slurm, the job id must not depend on how the command was spelled,
-    # so that running the same command again finds its checkpoints.
-    ctx = job_context(policy, job_id=job_id, store=store, catalog=catalog, interval=interval)
-    if not job_id and ctx.job_id.startswith("local-"):
-        ctx = job_context(policy, job_id=f"local-{Path(cmd[0]).name}", store=store, catalog=catalog,
-                          interval=interval)
-    job = FilesJob(ctx, current_user(), patterns, Path.cwd(), policy)
-    env = dict(os.environ)
-    env["HPCCKPT_JOB_ID"] = ctx.job_id
-    ckptid = job.restore_latest()
-    if ckptid is not None:
-        env["HPCCKPT_RESTART"] = "1"
-        env["HPCCKPT_CKPTID"] = str(ckptid)
-    else:
-        env.pop("HPCCKPT_RESTART", None)
-        env.pop("HPCCKPT_CKPTID", None)
-    runner = FilesRunner(job, cmd, app_sig, _interval(ctx, policy), policy.preemption.signals,
-                         float(policy.preemption.grace_time))
-    runner.last = ckptid
-    return runner.run(env)
+def files_engine(patterns: Sequence[str], app_signal: str | None) -> Callable[[EngineSetup], FilesEngine]:
+    """The factory ``hpcckpt run --engine app --app-files GLOB`` hands to the session."""
+    sig = signal_number(app_signal) if app_signal else None
+    pats = list(patterns)
+    return lambda setup: FilesEngine(setup, pats, sig)

@@ -27,10 +27,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from hpcckpt.context import node_name, resolve_catalog_url, resolve_store_root
+from hpcckpt.context import node_name
 from hpcckpt.errors import PolicyError
+from hpcckpt.policy import Policy
+from hpcckpt.policy.units import parse_duration
+from hpcckpt.store.site import Site
 
 # Slurm variables worth keeping in the image header: enough to tell later
 # which allocation and geometry a checkpoint came from.
@@ -79,8 +81,6 @@ def job_id_from_env(env: Mapping[str, str], argv0: str) -> str:
 
 def parse_interval(text: str, source: str) -> int | str:
     """Seconds from ``600``/``10m``/``1h30m``, or "auto"; PolicyError naming ``source`` otherwise."""
-    from hpcckpt.policy.units import parse_duration
-
     value = text.strip().lower()
     if value == "auto":
         return "auto"
@@ -104,7 +104,7 @@ def _int_env(env: Mapping[str, str], key: str) -> int:
 
 
 def job_context(
-    policy: Any,
+    policy: Policy,
     *,
     env: Mapping[str, str] | None = None,
     job_id: str | None = None,
@@ -122,12 +122,11 @@ def job_context(
         interval = parse_interval(interval, "Checkpointer(interval=...)")
     elif interval <= 0:
         raise PolicyError(f"Checkpointer(interval=...): must be positive, got {interval}")
-    # resolve_* read HPCCKPT_STORE / HPCCKPT_CATALOG from os.environ; pass an
+    # The Site reads HPCCKPT_STORE / HPCCKPT_CATALOG from os.environ; pass an
     # explicit env's values as the first choice so tests can inject one.
-    store_root = resolve_store_root(
-        str(store) if store is not None else env.get("HPCCKPT_STORE"), policy.storage.root
-    )
-    catalog_url = resolve_catalog_url(catalog or env.get("HPCCKPT_CATALOG"), policy.storage.catalog)
+    site = Site.from_policy(policy, store=str(store) if store is not None else env.get("HPCCKPT_STORE"),
+                            catalog=catalog or env.get("HPCCKPT_CATALOG"))
+    store_root, catalog_url = site.store_root, site.catalog_url
     return JobContext(
         job_id=job_id or job_id_from_env(env, argv[0] if argv else ""),
         store_root=store_root,

@@ -17,6 +17,11 @@ checkpoint now, and print the new checkpoint id. With --and-stop, the job is
 ended once its image is committed (for preemption or migration; if the
 checkpoint fails the job goes on running).
 
+It works for every engine: a CRIU job is dumped; a program run with
+'--engine app' that uses hpcckpt.Checkpointer saves at its next due() (the
+answer comes once its image is committed); with --app-files its restart
+files are captured.
+
 examples:
   hpcckpt checkpoint 4242
   hpcckpt checkpoint --and-stop 4242 && scontrol requeue 4242

@@ -35,6 +35,12 @@ Only one copy of a job runs at a time: a job whose runner is alive (here, or
 on another node) is refused with exit 15, naming where it runs; a runner that
 died (its pid gone, its Slurm job ended, or its lease expired) is taken over.
 A job whose last run ended on its own is refused with exit 16 unless --force.
+
+A job run with --engine app is not restored by CRIU: its recorded command is
+run again in its recorded directory and environment, under the same runner
+(with its restart files put back for --app-files; a program using the
+hpcckpt.Checkpointer API finds its latest checkpoint in restore()). An
+image CRIU did not write is never handed to CRIU.
 The options the job last ran with (--interval, --deadline, --signal, --policy)
 apply again unless given here.
 
@@ -95,12 +101,23 @@ def run(args: argparse.Namespace) -> int:
         print(resubmit(args.job_id, store=opts.store, catalog=opts.catalog, policy=opts.policy,
                        extra_options=list(args.sbatch)))
         return 0
-    as_owner = None
     if args.as_owner:
         from hpcckpt.context import user_by_name
+        from hpcckpt.core.security import become
 
         try:
             as_owner = user_by_name(args.as_owner)
         except KeyError as err:
             raise UsageError(f"--as-owner: no user named {args.as_owner!r}") from err
-    return resume_job(args.job_id, opts, ckptid=args.ckpt, as_owner=as_owner, force=args.force)
+        become(as_owner)  # before anything is opened (the job's lease, to tell its engine), for good
+    from hpcckpt.core.runner.relaunch import recorded_launch, resume_launched
+
+    record = recorded_launch(opts, args.job_id)
+    if record is not None:  # a files/api job: its recorded command is run again
+        from hpcckpt.app.engines import engine_factory
+
+        if args.ckpt is not None:
+            raise UsageError(f"job {args.job_id} checkpoints itself ({record['engine']} engine): it is resumed "
+                             "from its latest checkpoint, --ckpt cannot choose one")
+        return resume_launched(args.job_id, opts, engine_factory(record), record, force=args.force)
+    return resume_job(args.job_id, opts, ckptid=args.ckpt, force=args.force)

@@ -24,10 +24,22 @@ Only one copy of a job id runs at a time (a lease in the catalog, renewed
 while the job runs); the job is killed if hpcckpt itself dies. The options
 given here are recorded for 'hpcckpt resume', which keeps them.
 
+With --engine app the program is not frozen: it checkpoints itself. One that
+uses the hpcckpt.Checkpointer API (docs/mpi.md) gets the job's context in its
+environment, and is asked to save (and, on preemption, to save and stop)
+at its next Checkpointer.due(); with --app-files the restart files it
+writes are captured into images, and put back before it is run again. The
+command, its directory and the environment it depends on (PATH,
+PYTHONPATH, OMP_*, OMPI_*, ...: docs/mpi.md) are recorded, and 'hpcckpt
+resume JOBID' runs it again. Either way --interval, SIGTERM (exit 85) and
+'hpcckpt checkpoint JOBID' work as for CRIU jobs.
+
 examples:
   hpcckpt run --interval 10m -- ./simulate input.nml
   hpcckpt run --job-id mysim --interval 30 -- python train.py
   hpcckpt run --job-id mysim --resume-if-possible -- python train.py   # goes on from mysim's image
+  hpcckpt run --engine app --interval 1m -- mpirun -n 4 python3 prog.py  # prog uses hpcckpt.Checkpointer
+  hpcckpt run --engine app --app-files 'restart.*' --app-signal USR1 -- ./fortran_code
   # in a batch script (exec, so that Slurm's signals reach hpcckpt):
   #   #SBATCH --requeue --signal=B:USR1@120
   #   exec hpcckpt run -- ./simulate
@@ -52,7 +64,8 @@ def register(sub: Any) -> None:
     p.add_argument("--signal", action="append", metavar="SIG", dest="signals", type=_signal,
                    help="preemption signal (repeatable; default: policy preemption.signals, TERM and USR1)")
     p.add_argument("--engine", choices=("criu", "app"), default=None,
-                   help="criu: transparent (default); app: application-assisted, files only")
+                   help="criu: transparent (default); app: the program checkpoints itself, with the "
+                   "hpcckpt.Checkpointer API, or (with --app-files) by writing restart files")
     p.add_argument("--app-files", action="append", metavar="GLOB", default=[],
                    help="with --engine app: files that make up the application's checkpoint (repeatable)")
     p.add_argument("--app-signal", metavar="SIG", help="with --engine app: signal that asks the app to save")
@@ -78,20 +91,18 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", hint="hpcckpt run [OPTIONS] -- COMMAND [ARGS...]")
     args.command = argv
-    if args.engine == "app":
-        from pathlib import Path
-
-        from hpcckpt.app.files_engine import run_files_engine
-        from hpcckpt.policy import load_policy
-
-        cli = {"interval": args.interval} if args.interval else None
-        pol = load_policy(user_file=Path(args.policy) if args.policy else None, cli=cli)
-        return run_files_engine(argv, pol, app_files=args.app_files, app_signal=args.app_signal,
-                                interval=args.interval, job_id=args.job_id, store=args.store, catalog=args.catalog)
-    if args.app_files or args.app_signal:
-        raise UsageError("--app-files and --app-signal need --engine app")
     from hpcckpt.core.runner.session import SessionOptions, run_job
 
     opts = SessionOptions(store=args.store, catalog=args.catalog, policy=args.policy, interval=args.interval,
                           deadline=args.deadline, signals=args.signals)
+    if args.engine == "app":
+        import os
+
+        from hpcckpt.app.engines import engine_factory, engine_record
+        from hpcckpt.core.runner.relaunch import run_launched
+
+        record = engine_record(argv, os.getcwd(), os.environ, app_files=args.app_files, app_signal=args.app_signal)
+        return run_launched(argv, opts, engine_factory(record), record, job_id=args.job_id)
+    if args.app_files or args.app_signal:
+        raise UsageError("--app-files and --app-signal need --engine app")
     return run_job(argv, opts, job_id=args.job_id, resume_if_possible=args.resume_if_possible)

@@ -34,14 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import Catalog, open_catalog
+from hpcckpt.catalog import Catalog, Status, open_catalog
+from hpcckpt.cluster.nodecheck import node_problems
 from hpcckpt.context import User, user_by_uid
-from hpcckpt.core.pipeline.flush import FlushSettings
+from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher, salvage_staging
 from hpcckpt.core.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
 from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError
 from hpcckpt.fs import safe as fsutil
 from hpcckpt.fs.layout import StoreLayout
 from hpcckpt.fs.tree import remove_tree_at
+from hpcckpt.image import verify_image
 from hpcckpt.image.errors import ImageError
 from hpcckpt.slurm.adapter import ScontrolAdapter, SlurmAdapter
 from hpcckpt.slurm.env import SlurmEnv
@@ -54,6 +56,9 @@ from hpcckpt.slurm.restart_policy import (
     decide,
     pending_move,
 )
+from hpcckpt.store.images import Store
+from hpcckpt.store.images import image_name as store_image_name
+from hpcckpt.store.images import parse_image_name as store_parse
 from hpcckpt.store.site import Site
 
 _log = hlog.get("slurm.hooks")
@@ -92,8 +97,6 @@ class HookDeps:
 
 def default_deps(site: Site | None = None) -> HookDeps:
     """The real collaborators, configured by the site (the site policy and the hook env file)."""
-    from hpcckpt.cluster.nodecheck import node_problems
-
     # Hooks act for the site: only the site policy counts, never a user's file,
     # not even one named by $HPCCKPT_POLICY in the hook's environment.
     site = site or Site.for_hooks()
@@ -325,9 +328,6 @@ def _staging_roots(deps: HookDeps) -> list[Path]:
 
 def salvage_pipeline(env: SlurmEnv, deps: HookDeps, user: User) -> list[int]:
     """Publish every complete staged dump of the job (pipeline staging), oldest first; their ckptids."""
-    from hpcckpt.core.pipeline.flush import StorePublisher, salvage_staging
-    from hpcckpt.store.images import Store
-
     if deps.store_root is None or deps.open_catalog is None:
         return []
     open_cat = deps.open_catalog
@@ -361,8 +361,6 @@ def salvage_pipeline(env: SlurmEnv, deps: HookDeps, user: User) -> list[int]:
 
 
 def _writing_rows(cat: Any, env: SlurmEnv, uid: int) -> dict[int, Any]:
-    from hpcckpt.catalog import Status
-
     rows: dict[int, Any] = {}
     for jid in dict.fromkeys([env.job_id, env.display_id]):
         for rec in cat.list(jid, uid=uid):
@@ -372,21 +370,15 @@ def _writing_rows(cat: Any, env: SlurmEnv, uid: int) -> dict[int, Any]:
 
 
 def image_name(ckptid: int) -> str:
-    from hpcckpt.store.images import image_name as store_image_name
-
     return store_image_name(ckptid)
 
 
 def parse_image_name(name: str) -> int | None:
-    from hpcckpt.store.images import parse_image_name as store_parse
-
     return store_parse(name)
 
 
 def _verified_ckptid(dir_fd: int, name: str) -> int | None:
     """The ckptid of a complete, intact image file ``name``; None when it is partial or corrupt."""
-    from hpcckpt.image import verify_image
-
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):

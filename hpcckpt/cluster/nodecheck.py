@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpcckpt import log as hlog
+from hpcckpt.core import doctor
 from hpcckpt.errors import HpcckptError
 
 _log = hlog.get("slurm.nodecheck")
@@ -26,7 +27,6 @@ DEFAULT_TTL = 600.0
 
 def doctor_problems() -> list[str]:
     """Failed required node checks from ``hpcckpt doctor``, as one line each."""
-    from hpcckpt.core import doctor
     problems: list[str] = []
     checks = [*doctor.check_criu(), doctor.check_pid_namespace()]
     for check in checks:

@@ -21,6 +21,7 @@ from typing import Any
 from hpcckpt.catalog import open_catalog
 from hpcckpt.context import User, current_user
 from hpcckpt.core.launch import network
+from hpcckpt.criu.engine import Criu
 from hpcckpt.errors import HpcckptError
 from hpcckpt.fs.layout import StoreLayout
 from hpcckpt.fs.safe import STORE_HINT
@@ -47,8 +48,6 @@ class DoctorInputs:
 
 
 def check_criu() -> list[Check]:
-    from hpcckpt.criu.engine import Criu
-
     try:
         criu = Criu.locate()
     except HpcckptError as err:

@@ -41,6 +41,7 @@ from hpcckpt.catalog import Catalog
 from hpcckpt.catalog.model import LeaseRecord, LeaseState
 from hpcckpt.context import node_name
 from hpcckpt.errors import CatalogError, HpcckptError, JobRunningError, NotFoundError, SlurmError
+from hpcckpt.slurm.adapter import ScontrolAdapter
 
 _log = hlog.get("lease")
 
@@ -133,8 +134,6 @@ class SystemProbes:
             if self._slurm_factory is not None:
                 self._slurm = self._slurm_factory()
             else:
-                from hpcckpt.slurm.adapter import ScontrolAdapter
-
                 self._slurm = ScontrolAdapter(timeout=10.0)
         try:
             return dict(self._slurm.show_job(job_id))

@@ -306,6 +306,25 @@ def _streamed(info: SectionInfo) -> bool:
     return is_bulk(info) and not info.name.startswith(scratch.IMAGE_DIR + "/")
 
 
+# Engines whose images CRIU did not write (hpcckpt.app): a program's own state, or its restart files.
+APP_ENGINES = ("app", "files")
+
+
+def _refuse_not_criu(rec: CkptRecord) -> None:
+    """CRIU must never see an image it did not write: say what it is and how such a job goes on instead."""
+    if rec.engine not in APP_ENGINES:
+        return
+    how = ("run the program again (its hpcckpt.Checkpointer restore() finds the checkpoint), or under "
+           "'hpcckpt run --engine app -- COMMAND'" if rec.engine == "app" else
+           "run it again under 'hpcckpt run --engine app --app-files GLOB -- COMMAND', which puts the files back")
+    raise UsageError(
+        f"checkpoint {rec.ckptid} of job {rec.job_id} was written by the program itself ({rec.engine} engine), "
+        "not by CRIU: it cannot be restored as a process image, and no command to relaunch was recorded "
+        "for the job (it was not started by 'hpcckpt run --engine app')",
+        hint=how,
+    )
+
+
 class Resumer:
     def __init__(
         self,
@@ -375,6 +394,7 @@ class Resumer:
         if ckptid is None:
             fallbacks += self._skipped(job_id, candidates[0].ckptid)
         for rec in candidates:
+            _refuse_not_criu(rec)
             try:
                 restored = self._try_lazy_then_streamed(rec)
             except (ImageError, EngineError) as err:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcckpt import image
 from hpcckpt import log as hlog
 from hpcckpt.catalog.base import Catalog
 from hpcckpt.catalog.model import CkptRecord, Status
@@ -41,8 +42,6 @@ class RebuildReport:
 
 
 def default_reader(verify: bool) -> HeaderReader:
-    from hpcckpt import image
-
     if verify:
         return lambda p: image.verify_image(p).meta
     return image.read_header

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
 from hpcckpt import log as hlog
+from hpcckpt.catalog import Catalog, Status
 from hpcckpt.context import User, node_name
 from hpcckpt.core.pipeline.chain import decide_chain
 from hpcckpt.core.pipeline.staging import STAGE_PREFIX, StagedCheckpoint
@@ -47,6 +48,8 @@ from hpcckpt.image.model import PackStats
 from hpcckpt.image.pack import pack_dir
 from hpcckpt.image.parent import index_image
 from hpcckpt.image.refs import ParentIndex
+from hpcckpt.policy import Policy
+from hpcckpt.store.images import Store
 
 _log = hlog.get("pipeline")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -82,7 +85,7 @@ class FlushSettings:
             raise ValueError(f"on_busy must be 'skip' or 'queue', not {self.on_busy!r}")
 
     @classmethod
-    def from_policy(cls, pol: Any, *, workers: int = 1) -> FlushSettings:
+    def from_policy(cls, pol: Policy, *, workers: int = 1) -> FlushSettings:
         p = pol.pipeline
         # The policy allows chunks up to 1 GiB; the image format caps a chunk at 16 MiB.
         chunk = min(max(int(p.chunk_size), F.MIN_CHUNK), F.MAX_CHUNK)
@@ -131,18 +134,18 @@ class Publisher(Protocol):
 class StorePublisher:
     """The real publisher. The catalog is opened per thread: SQLite connections are not shared."""
 
-    def __init__(self, store: Any, open_catalog: Callable[[], Any]) -> None:
+    def __init__(self, store: Store, open_catalog: Callable[[], Catalog]) -> None:
         self.store = store
         self._open_catalog = open_catalog
         self._local = threading.local()
 
-    def _cat(self) -> Any:
-        cat = getattr(self._local, "cat", None)
+    def _cat(self) -> Catalog:
+        cat: Catalog | None = getattr(self._local, "cat", None)
         if cat is None:
             cat = self._local.cat = self._open_catalog()
         return cat
 
-    def catalog(self) -> Any:
+    def catalog(self) -> Catalog:
         """This thread's own catalog connection (retention runs on the flusher's thread with it)."""
         return self._cat()
 
@@ -161,8 +164,6 @@ class StorePublisher:
         return int(pub.ckptid), Path(pub.path)
 
     def committed_stages(self, job_id: str) -> set[str]:
-        from hpcckpt.catalog import Status
-
         out: set[str] = set()
         for rec in self._cat().list(job_id, uid=self.store.user.uid):
             stage = (rec.meta or {}).get("stage")
@@ -180,8 +181,6 @@ class StorePublisher:
         Every image it would take chunks from must still be committed (not found corrupt since), and
         the job must have a committed full image outside that chain to fall back on.
         """
-        from hpcckpt.catalog import Status
-
         cat = self._cat()
         chain = {c for c in (parent.ckptid, parent.base, *parent.ckptids) if c}
         for c in chain:

@@ -26,6 +26,11 @@ job is started or restored, so none is lost in between):
 
 Exit status: the job's own; 128+N if it was killed by signal N; 85 after a
 checkpoint-and-stop.
+
+The same loop drives every engine (:mod:`hpcckpt.core.runner.engines`): CRIU's
+pipeline above, or an app engine (``files``, ``api``) whose program
+checkpoints itself; an engine that learns of commits by looking (the
+catalog, the restart files) sets ``poll_s`` and the loop wakes that often.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from hpcckpt import log as hlog
 from hpcckpt.core.checkpoint import CheckpointResult, CriuCheckpointer, signal_tree
 from hpcckpt.core.pipeline.flush import FlushResult
 from hpcckpt.core.runner.control import ControlServer, reply
+from hpcckpt.core.runner.engines import CriuEngine, JobEngine
 from hpcckpt.criu import procinfo
 from hpcckpt.errors import HpcckptError
 from hpcckpt.exitcodes import EXIT_REQUEUE, EXIT_STORE
@@ -173,13 +179,16 @@ class RunnerConfig:
 
 
 class Runner:
-    def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer, control: ControlServer | None,
+    """Drives one job under any engine (:mod:`hpcckpt.core.runner.engines`): a CriuCheckpointer, or an app engine."""
+
+    def __init__(self, cfg: RunnerConfig, checkpointer: CriuCheckpointer | JobEngine, control: ControlServer | None,
                  signals: SignalQueue | None = None) -> None:
         self.cfg = cfg
-        self.ckpt = checkpointer
+        self.engine: JobEngine = (CriuEngine(checkpointer) if isinstance(checkpointer, CriuCheckpointer)
+                                  else checkpointer)
         self.control = control
         self.signals = signals or SignalQueue(cfg.signals)
-        self.ckpt.notify = self.signals.wake
+        self.engine.notify = self.signals.wake
         self.pid = -1
         self.pumps: list[OutputPump] = []
         self.costs: list[float] = []
@@ -192,6 +201,12 @@ class Runner:
         # The job died because we ended it (hpcckpt.core.runner.lazywatch): the job restored anew, as
         # (pid, stdout read end, stderr read end), or None to report its exit as usual.
         self.relaunch: Callable[[], tuple[int, int, int] | None] | None = None
+
+    @property
+    def ckpt(self) -> CriuCheckpointer:
+        """The CRIU pipeline (what the lazy-restore watch and the session reach into); criu engine only."""
+        assert isinstance(self.engine, CriuEngine), f"the {self.engine.name} engine has no CRIU CriuCheckpointer"
+        return self.engine.ckpt
 
     # -- set-up --------------------------------------------------------------
 
@@ -241,6 +256,9 @@ class Runner:
                     if code is not None:
                         return code
                 timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
+                poll = self.engine.poll_s
+                if poll is not None:  # an engine that learns of commits by looking (the catalog, the files)
+                    timeout = poll if timeout is None else min(timeout, poll)
                 for key, _ in sel.select(timeout):
                     if key.data == "wake":
                         self.signals.drain_wakeups()
@@ -294,7 +312,7 @@ class Runner:
 
     def _end_pipeline(self, *, job_ended: bool) -> None:
         """The job is over: let the flush in flight finish within the deadline, else leave it to the epilog."""
-        done = self.ckpt.finish(self.cfg.deadline_s, job_ended=job_ended)
+        done = self.engine.finish(self.cfg.deadline_s, job_ended=job_ended)
         if not done:
             hlog.event(_log, "runner.flush_abandoned", "the flush in flight did not finish in "
                        f"{self.cfg.deadline_s:.0f} s after the job ended; aborted", 30)
@@ -304,13 +322,13 @@ class Runner:
                 reply(conn, {"ok": False, "error": "the job ended before its checkpoint was flushed",
                              "exit_code": EXIT_STORE, "stage": stage})
         self._waiting.clear()
-        self.ckpt.cleanup_staging()
+        self.engine.cleanup_staging()
 
     # -- checkpoints ---------------------------------------------------------
 
     def _collect(self) -> None:
         """Results of background flushes: remember the last commit, answer who waits for it."""
-        for res in self.ckpt.collect():
+        for res in self.engine.collect():
             self._record(res)
 
     def _record(self, res: CheckpointResult | FlushResult) -> None:
@@ -328,11 +346,11 @@ class Runner:
     def _periodic(self) -> None:
         try:
             if not self.cfg.async_flush:
-                res = self.ckpt.checkpoint(self.pid)
+                res = self.engine.checkpoint(self.pid)
                 self.costs = [*self.costs[-9:], res.frozen_s]
                 self._record(res)
                 return
-            taken = self.ckpt.take(self.pid)
+            taken = self.engine.take(self.pid)
             if taken is not None:
                 # What the job pays is the freeze; the flush runs beside it.
                 self.costs = [*self.costs[-9:], taken.frozen_s]
@@ -341,7 +359,7 @@ class Runner:
                        "the job goes on, and the previous image stays the latest", 40)
 
     def _take_final(self, deadline: float | None, *, thaw_on_failure: bool) -> CheckpointResult:
-        res = self.ckpt.checkpoint(self.pid, final=True, deadline=deadline, thaw_on_failure=thaw_on_failure)
+        res = self.engine.checkpoint(self.pid, final=True, deadline=deadline, thaw_on_failure=thaw_on_failure)
         self._collect()
         self.last = res
         self.committed_any = True
@@ -368,7 +386,7 @@ class Runner:
             deadline = arrived + self.cfg.deadline_s
             hlog.event(_log, "runner.preempted", f"{name}: final checkpoint of job {self.cfg.job_id} within "
                        f"{max(0.0, deadline - time.monotonic()):.1f} s, then stop", signal=name,
-                       in_flight=self.ckpt.in_flight())
+                       in_flight=self.engine.in_flight())
             res, _err = self.stop_after_checkpoint(deadline)
             if res is not None or self.committed_any or self._has_older():
                 return EXIT_REQUEUE
@@ -377,10 +395,7 @@ class Runner:
         return None
 
     def _has_older(self) -> bool:
-        try:
-            return self.ckpt.catalog.latest(self.cfg.job_id, uid=self.ckpt.job.user.uid) is not None
-        except HpcckptError:
-            return False
+        return self.engine.has_image()
 
     def _forward(self, sig: int) -> None:
         name = signal.Signals(sig).name.removeprefix("SIG")
@@ -403,8 +418,7 @@ class Runner:
     def _status(self) -> dict[str, Any]:
         return {"ok": True, "job_id": self.cfg.job_id, "pid": self.pid,
                 "last": None if self.last is None else self.last.to_dict(),
-                "in_flight": self.ckpt.in_flight(), "skipped": self.ckpt.flusher.skipped,
-                "parent": None if self.ckpt.parent is None else self.ckpt.parent.ckptid}
+                "in_flight": self.engine.in_flight(), **self.engine.describe()}
 
     def _serve(self) -> int | None:
         assert self.control is not None
@@ -436,17 +450,17 @@ class Runner:
             return EXIT_REQUEUE
         try:
             if not self.cfg.async_flush:
-                reply(conn, {"ok": True, **self.ckpt.checkpoint(self.pid).to_dict()})
+                reply(conn, {"ok": True, **self.engine.checkpoint(self.pid).to_dict()})
                 return None
-            taken = self.ckpt.request(self.pid)
+            taken = self.engine.request(self.pid)
         except HpcckptError as err:
             reply(conn, {"ok": False, "error": str(err), "exit_code": err.exit_code,
                          "excerpt": getattr(err, "log_excerpt", "")})
             return None
         if taken is None:
             reply(conn, {"ok": False, "exit_code": EXIT_STORE, "error": "two checkpoints are already in flight "
-                         f"({', '.join(self.ckpt.in_flight())}); try again once they are flushed"})
+                         f"({', '.join(self.engine.in_flight())}); try again once they are flushed"})
             return None
         # Answered from _collect() once this dump is committed; the loop goes on meanwhile.
-        self._waiting[taken.staged.name] = conn
+        self._waiting[taken.key] = conn
         return None

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import Catalog, open_catalog
-from hpcckpt.context import User, current_user, node_name, resolve_catalog_url, resolve_store_root
+from hpcckpt.catalog import Catalog
+from hpcckpt.context import User, current_user, node_name
 from hpcckpt.core.checkpoint import CriuCheckpointer, JobInfo
 from hpcckpt.core.launch import scratch
 from hpcckpt.core.launch.network import HOST, JobNetwork
@@ -58,11 +58,12 @@ from hpcckpt.image.parent import index_image
 from hpcckpt.image.refs import ParentIndex
 from hpcckpt.jobid import JobIdentity, resolve
 from hpcckpt.observe.metrics import close_job_metrics, start_job_metrics
-from hpcckpt.policy import Policy, load_policy
+from hpcckpt.policy import Policy
 from hpcckpt.policy.daly import choose_interval
 from hpcckpt.progress import terminal_progress
 from hpcckpt.store.images import Store
 from hpcckpt.store.retention import RetentionRules, apply_retention
+from hpcckpt.store.site import Site
 
 _log = hlog.get("session")
 RESUME_FROM_ENV = "HPCCKPT_RESUME_FROM"
@@ -113,32 +114,42 @@ class SessionOptions:
 
 @dataclass
 class Environment:
-    """Everything a run or resume needs, resolved once."""
+    """Everything a run or resume needs: the site, and what it opened for this user."""
 
-    policy: Policy
+    site: Site
     user: User
-    store_root: Path
     store: Store
-    catalog: Catalog
+    catalog: Catalog  # the main thread's connection; open_catalog() gives more
     engine: CheckpointEngine
-    catalog_url: str | None = None  # as resolved (None: the per-user SQLite default), to open more connections
     network: JobNetwork = field(default_factory=lambda: JobNetwork(HOST, outside=False))
 
+    @property
+    def policy(self) -> Policy:
+        return self.site.policy
 
-def _load_policy(opts: SessionOptions) -> Policy:
-    cli: dict[str, Any] = {}
-    if opts.interval is not None:
-        cli["interval"] = opts.interval
-    return load_policy(user_file=Path(opts.policy) if opts.policy else None, cli=cli or None)
+    @property
+    def store_root(self) -> Path:
+        return self.site.store_root
+
+    @property
+    def catalog_url(self) -> str | None:
+        return self.site.catalog_url
+
+    def open_catalog(self) -> Catalog:
+        return self.site.open_catalog(self.user)
+
+
+def load_site(opts: SessionOptions) -> Site:
+    """The site for ``run``/``resume``: their flags, the environment, the policy (with ``--interval``)."""
+    cli = {"interval": opts.interval} if opts.interval is not None else None
+    return Site.load(store=opts.store, catalog=opts.catalog, policy_file=opts.policy, cli=cli)
 
 
 def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = None) -> Environment:
-    pol = _load_policy(opts)
+    site = load_site(opts)
     user = current_user()
-    root = resolve_store_root(opts.store, pol.storage.root)
-    url = resolve_catalog_url(opts.catalog, pol.storage.catalog)
-    catalog = open_catalog(url, root, user)
-    return Environment(pol, user, root, Store(root, user), catalog, engine or Criu.locate(), url,
+    pol = site.policy
+    return Environment(site, user, site.store(user), site.open_catalog(user), engine or site.engine(),
                        JobNetwork(pol.job.network, outside=pol.job.outside))
 
 
@@ -183,8 +194,7 @@ PublisherFactory = Callable[[Environment], Publisher]
 
 def store_publisher(env: Environment) -> Publisher:
     """The real publisher: the store, with a catalog connection per thread (the flusher has its own)."""
-    url = env.catalog_url
-    return StorePublisher(env.store, lambda: open_catalog(url, env.store_root, env.user))
+    return StorePublisher(env.store, env.open_catalog)
 
 
 def _predump_plan(engine: CheckpointEngine) -> PreDumpPlan | None:
@@ -301,7 +311,7 @@ def _announce(ident: JobIdentity) -> None:
 
 
 def _catalog_opener(env: Environment) -> Callable[[], Catalog]:
-    return lambda: open_catalog(env.catalog_url, env.store_root, env.user)
+    return env.open_catalog
 
 
 def _refuse_finished(job_id: str, force: bool) -> Callable[[LeaseRecord | None], None]:
@@ -417,7 +427,8 @@ def resume_job(job_id: str, opts: SessionOptions, *, ckptid: int | None = None,
     merged = opts.over(last.options if last is not None else {})
     if merged != opts:
         opts = merged
-        env.policy = _load_policy(opts)
+        # The store and catalog stay (the lease is taken through them); the run's policy is the job's.
+        env.site = replace(env.site, policy=load_site(opts).policy)
     # The merged options are recorded again: a later resume keeps what this one ran with.
     lease = acquire(env.catalog, job_id, options=opts.recorded(), ttl=lease_ttl,
                     check=_refuse_finished(job_id, force))
