@@ -4,7 +4,7 @@ Writers on many nodes share the file, and the parallel filesystem's byte-range
 locks (which SQLite relies on) are weaker than a local disk's. So:
 
 - every write transaction holds ``catalog.sqlite.lock`` (an ``flock`` waited
-  for in the kernel, :mod:`hpcckpt.catalog.flock`) first, then ``BEGIN
+  for in the kernel, :mod:`hpcckpt.fs.flock`) first, then ``BEGIN
   IMMEDIATE``: writers queue on the lock instead of failing on SQLite's, and
   a reader never sees a half-written file;
 - rollback journal (``journal_mode=DELETE``), never WAL: WAL's shared-memory
@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from hpcckpt import log as hlog
-from hpcckpt.catalog import flock
 from hpcckpt.catalog.base import Catalog, Cursor
 from hpcckpt.catalog.schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
 from hpcckpt.context import User
 from hpcckpt.errors import CatalogError, CatalogVersionError
+from hpcckpt.fs import flock
 from hpcckpt.fs.safe import as_fs_user
 
 T = TypeVar("T")

@@ -55,6 +55,7 @@ from pathlib import Path
 from hpcckpt import log as hlog
 from hpcckpt.criu.images import UID_KINDS, scan_credentials
 from hpcckpt.criu.interface import AFTER_DUMP, DumpOptions, DumpResult, RestoreResult
+from hpcckpt.criu.restorelock import one_restore_at_a_time
 from hpcckpt.criu.streamer import ImageStreamer
 from hpcckpt.criu.streamer import Source as StreamSource
 from hpcckpt.errors import DeadlineExceededError, EngineError, EngineNotFoundError, HpcckptError
@@ -537,17 +538,18 @@ class Criu:
         elif userns:
             wrapper = restore_wrapper(euid=euid, unshare=_tool("unshare"))
         streamer = None
-        if source is not None:
-            args.append("--stream")
-            streamer = ImageStreamer(images_dir, source, gate=gate).start()
-        try:
-            res = self._run(args, timeout=timeout, what="criu restore", wrapper=wrapper,
-                            pass_fds=[*fds, *(netns.child_fds if netns else ())],
-                            started=netns.run if netns is not None else None)
-        finally:
-            failed = streamer.close() if streamer is not None else None
-            if netns is not None:
-                netns.close()
+        with one_restore_at_a_time():  # ghosts of one path from two jobs would collide (restorelock.py)
+            if source is not None:
+                args.append("--stream")
+                streamer = ImageStreamer(images_dir, source, gate=gate).start()
+            try:
+                res = self._run(args, timeout=timeout, what="criu restore", wrapper=wrapper,
+                                pass_fds=[*fds, *(netns.child_fds if netns else ())],
+                                started=netns.run if netns is not None else None)
+            finally:
+                failed = streamer.close() if streamer is not None else None
+                if netns is not None:
+                    netns.close()
         log_path = images_dir / log_name
         if failed is not None:
             if res.rc == 0:  # criu never needed the bad part; an image that fails a check is not used

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcckpt.catalog import flock
+from hpcckpt.fs import flock
 
 
 def _hold(path: str, held: object, release: object) -> None:

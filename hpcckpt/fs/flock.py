@@ -1,4 +1,4 @@
-"""The SQLite catalog's writer lock: ``flock`` on ``catalog.sqlite.lock``, waited for in the kernel.
+"""Locks waited for in the kernel: ``flock`` with a timeout (the SQLite writer lock, the node's restore lock).
 
 Why not a polling lock (``filelock``, which tries a non-blocking flock and
 sleeps 50 ms between tries): with many writers, the lock sat idle for most of
@@ -42,18 +42,29 @@ def _wait(fd: int, got: threading.Event, gate: threading.Lock, abandoned: list[b
 def exclusive(path: str, timeout: float) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created 0600) for the block; ``LockTimeout`` after ``timeout``."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with holding(fd, timeout, path):
+        yield
+
+
+@contextmanager
+def holding(fd: int, timeout: float, name: str = "") -> Iterator[None]:
+    """Hold an exclusive flock on the open ``fd`` for the block; the block owns ``fd`` and closes it.
+
+    ``LockTimeout`` when the lock was not free within ``timeout`` (``fd`` then belongs to the thread still
+    waiting for it, which closes it).
+    """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         got, gate = threading.Event(), threading.Lock()
         abandoned: list[bool] = []
-        threading.Thread(target=_wait, args=(fd, got, gate, abandoned), name="hpcckpt-catalog-lock",
+        threading.Thread(target=_wait, args=(fd, got, gate, abandoned), name="hpcckpt-flock",
                          daemon=True).start()
         if not got.wait(timeout):
             with gate:
                 if not got.is_set():
-                    abandoned.append(True)
-                    raise LockTimeout(path) from None
+                    abandoned.append(True)  # the waiting thread closes fd if it ever gets the lock
+                    raise LockTimeout(name) from None
     except BaseException:
         os.close(fd)
         raise

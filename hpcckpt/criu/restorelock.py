@@ -1,0 +1,86 @@
+"""One ``criu restore`` at a time on a node.
+
+CRIU restores a file the job had open but deleted (a "ghost") by writing
+its content to ``PATH.cr.N.ghost`` beside the old path and opening that.
+Two jobs restoring at once with a ghost of the same path take or remove
+each other's ghost, and both restores fail ("Can't link ... .ghost",
+"Can't create ghost regfile: File exists"). Such paths are common: every
+OpenMPI process's POSIX shared memory starts as ``/dev/shm/open_mpi.0000``,
+deleted once attached, so two MPI jobs requeued onto one node after a node
+failure collided in the corpus tests.
+
+So restores on a node wait for each other (a restore holds the lock from
+CRIU's start until it has restored or failed, about a second for most jobs,
+less with lazy pages). The lock is a file in ``/dev/shm`` that every user
+can lock; a lock that cannot be had (the file is not a plain file, or is
+someone else's and not lockable, or another restore holds it for longer
+than ``WAIT_S``) is logged and the restore goes on without it: the lock
+only avoids a race, it never stops a job from coming back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hpcckpt import log as hlog
+from hpcckpt.fs.flock import LockTimeout, holding
+
+_log = hlog.get("criu")
+
+LOCK = Path("/dev/shm/hpcckpt-restore.lock")
+WAIT_S = 300.0
+
+
+def _open(path: Path) -> int | None:
+    """The lock file, opened read-write; None where it cannot be used."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        # Without O_CREAT first: protected_regular refuses O_CREAT on another user's file in a sticky dir.
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            os.fchmod(fd, 0o666)  # despite the umask: every user's restores take it
+        except FileExistsError:
+            return _open_existing(path, flags)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _open_existing(path: Path, flags: int) -> int | None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def one_restore_at_a_time(path: Path = LOCK, wait_s: float = WAIT_S) -> Iterator[None]:
+    fd = _open(path)
+    if fd is None:
+        hlog.event(_log, "criu.restore_lock_unusable", f"{path}: cannot use the node's restore lock; "
+                   "restoring without it", 20)
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(holding(fd, wait_s, str(path)))
+        except LockTimeout:
+            hlog.event(_log, "criu.restore_lock_busy", f"{path}: another restore held the node's restore lock "
+                       f"for {wait_s:.0f} s; restoring without it", 30)
+        yield
