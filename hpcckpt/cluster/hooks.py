@@ -39,6 +39,7 @@ from hpcckpt.cluster.nodecheck import node_problems
 from hpcckpt.context import User, user_by_uid
 from hpcckpt.core.pipeline.flush import FlushSettings, StorePublisher, salvage_staging
 from hpcckpt.core.pipeline.staging import TMPFS, staging_candidates, tmpfs_base
+from hpcckpt.criu import restorelock
 from hpcckpt.errors import HpcckptError, NotFoundError, SlurmError
 from hpcckpt.fs import safe as fsutil
 from hpcckpt.fs.layout import StoreLayout
@@ -217,6 +218,8 @@ def _prepare_dirs(env: SlurmEnv, deps: HookDeps, user: User) -> None:
     if tmpfs_base is not None:
         made.append(fsutil.ensure_private_dir(job_dir(tmpfs_base, user, env.job_id), user.uid, user.gid,
                                               base=tmpfs_base))
+    if deps.tmpfs is not None:
+        restorelock.prepare(deps.tmpfs / restorelock.LOCK.name)  # root's, so that no user can hold it for ever
     _event("slurm.prolog.dirs", f"job {env.job_id}: prepared {', '.join(map(str, made))}",
            job_id=env.job_id, user=user.name, node=env.node)
 

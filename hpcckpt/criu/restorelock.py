@@ -12,10 +12,12 @@ failure collided in the corpus tests.
 So restores on a node wait for each other (a restore holds the lock from
 CRIU's start until it has restored or failed, about a second for most jobs,
 less with lazy pages). The lock is a file in ``/dev/shm`` that every user
-can lock; a lock that cannot be had (the file is not a plain file, or is
-someone else's and not lockable, or another restore holds it for longer
-than ``WAIT_S``) is logged and the restore goes on without it: the lock
-only avoids a race, it never stops a job from coming back.
+can lock, made by root (the Slurm Prolog, :func:`prepare`) or by the first
+restore. Only root's file or the caller's own is used: a file another user
+made could be held by them for ever. A lock that cannot be had (not a plain
+file, another user's, or held by another restore for longer than
+``WAIT_S``) is logged and the restore goes on without it: the lock only
+avoids a race, it never stops a job from coming back.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from hpcckpt.fs.flock import LockTimeout, holding
 _log = hlog.get("criu")
 
 LOCK = Path("/dev/shm/hpcckpt-restore.lock")
-WAIT_S = 300.0
+WAIT_S = 120.0
 
 
 def _open(path: Path) -> int | None:
@@ -52,10 +54,7 @@ def _open(path: Path) -> int | None:
             return None
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
+    return _usable(fd)
 
 
 def _open_existing(path: Path, flags: int) -> int | None:
@@ -63,10 +62,35 @@ def _open_existing(path: Path, flags: int) -> int | None:
         fd = os.open(path, flags)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    return _usable(fd)
+
+
+def _usable(fd: int) -> int | None:
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()):
+        return fd
+    os.close(fd)
+    return None
+
+
+def prepare(path: Path = LOCK) -> None:
+    """As root (the Prolog): make the lock root's own file, 0666, replacing one a user made."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o666:
+            return
+        os.unlink(path)  # a user's file, a symlink, a FIFO: gone (root may, in the sticky /dev/shm)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return  # a restore made it meanwhile: it is used if it is root's or the caller's
+    try:
+        os.fchmod(fd, 0o666)
+    finally:
         os.close(fd)
-        return None
-    return fd
 
 
 @contextmanager
