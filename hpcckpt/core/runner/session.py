@@ -314,6 +314,10 @@ def _catalog_opener(env: Environment) -> Callable[[], Catalog]:
     return env.open_catalog
 
 
+def _ended_well(prev: LeaseRecord | None) -> bool:
+    return prev is not None and prev.state is LeaseState.EXITED and prev.exit_status == 0
+
+
 def _refuse_finished(job_id: str, force: bool) -> Callable[[LeaseRecord | None], None]:
     def check(prev: LeaseRecord | None) -> None:
         if prev is None or prev.state is not LeaseState.EXITED or force:
@@ -356,6 +360,14 @@ def run_job(
     source_job = resume_from or ident.job_id
     # Before anything is started or restored: a second live copy of the job is refused here.
     lease = acquire(env.catalog, ident.job_id, options=opts.recorded(), ttl=lease_ttl)
+    if want_resume and resume_from is None and _ended_well(lease.previous):
+        # Slurm requeued a job that had finished (scontrol requeue after its end): Slurm would run its script
+        # again, so the command starts afresh; restoring an older image would run finished work again and cut
+        # its output back. A run that ended with a failure status is restored, as the restart policy wants.
+        hlog.event(_log, "runner.finished_before", f"job {ident.job_id} already ended on its own with status 0; "
+                   "this requeued run starts the command again instead of restoring a checkpoint", 30,
+                   job_id=ident.job_id)
+        want_resume = False
     set_child_subreaper()
     try:
         signals = _signal_queue(env, opts)
