@@ -15,7 +15,8 @@ tree with CRIU every interval while it runs, and exit with its exit status.
 Its stdout and stderr are appended to hpcckpt's own (the job's output files).
 
 In a Slurm job that was requeued (SLURM_RESTART_COUNT > 0) the job's latest
-valid image is restored instead of starting COMMAND. On SIGTERM or the
+valid image is restored instead of starting COMMAND (unless its last run had
+ended on its own with status 0: then COMMAND starts again). On SIGTERM or the
 warning signal (policy preemption.signals, default TERM and USR1) a final
 checkpoint is taken and hpcckpt exits 85 so that Slurm requeues the job
 (RequeueExit=85 in slurm.conf).
