@@ -89,14 +89,20 @@ def read_beat(beat: Path) -> tuple[int, int] | None:
         return None
 
 
-def wait_progress(beat: Path, timeout: float = 300) -> float:
-    """Monotonic time at which the restored job first wrote its heartbeat (the file was removed before)."""
+def wait_progress(beat: Path, timeout: float = 300, resume: Resume | None = None) -> float:
+    """Monotonic time at which the restored job first wrote its heartbeat (the file was removed before).
+
+    With ``resume``: fails at once, with its log, if that ``hpcckpt resume`` ended first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if read_beat(beat) is not None:
             return time.monotonic()
+        if resume is not None and resume.proc.poll() is not None:
+            raise RuntimeError(f"hpcckpt resume ended ({resume.proc.returncode}) before the job made progress: "
+                               + resume.err.read_text()[-3000:])
         time.sleep(0.001)
-    raise RuntimeError("the restored job made no progress")
+    raise RuntimeError("the restored job made no progress"
+                       + (": " + resume.err.read_text()[-3000:] if resume is not None else ""))
 
 
 def checkpointer(criu: Criu, store: Store, me: User, job_id: str, staging: Path, codec: str) -> CriuCheckpointer:
@@ -200,7 +206,7 @@ def measure(size: int, args: argparse.Namespace, criu: Criu, me: User, work: Pat
         drop_caches()
         res = Resume(work, store_root, job_id, idle.ckptid, lazy)
         try:
-            progress = wait_progress(beat) - res.t0
+            progress = wait_progress(beat, resume=res) - res.t0
             done = res.event("lazy.resident" if lazy == "on" else "resume.restored")
             results[lazy] = {"progress": progress, "resident": res.since_start(done)}
         finally:
@@ -218,7 +224,7 @@ def measure(size: int, args: argparse.Namespace, criu: Criu, me: User, work: Pat
         drop_caches()
         res = Resume(work, store_root, job_id, sweeping.ckptid, lazy)
         try:
-            wait_progress(beat)
+            wait_progress(beat, resume=res)
             first = read_beat(beat)
             t1 = time.monotonic()
             time.sleep(args.window)

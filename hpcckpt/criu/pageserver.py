@@ -51,6 +51,7 @@ PE_PRESENT = 1 << 2
 _CMD_BITS = 16
 # The daemon never asks for more than MAX_XFER_LEN (4 MiB) at once; anything far larger is not CRIU.
 MAX_REQUEST_PAGES = 1 << 16
+_IOV_MAX = 512  # buffers per sendmsg, well below the kernel's UIO_MAXIOV (small chunks give many pieces)
 
 
 class PageSource(Protocol):
@@ -80,22 +81,24 @@ class PageServer:
         self.closed_by_criu = False
         self.source_s = 0.0  # time spent getting pages (reading and checking chunks), and sending them
         self.send_s = 0.0
+        self._msg = memoryview(bytearray(PSI.size))
         self._thread = threading.Thread(target=self._serve, name="hpcckpt-pageserver", daemon=True)
 
     def start(self) -> PageServer:
         self._thread.start()
         return self
 
-    def _recv(self) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < PSI.size:
-            part = self.sock.recv(PSI.size - len(buf))
-            if not part:
-                if buf:
+    def _recv(self) -> memoryview | None:
+        # One recv per request (MSG_WAITALL), into one buffer: a request costs a syscall, not several.
+        got = 0
+        while got < PSI.size:
+            n = self.sock.recv_into(self._msg[got:], PSI.size - got, socket.MSG_WAITALL)
+            if not n:
+                if got:
                     raise EngineError("criu lazy-pages closed the page-server socket in the middle of a request")
                 return None
-            buf += part
-        return bytes(buf)
+            got += n
+        return self._msg
 
     def _serve(self) -> None:
         try:
@@ -115,9 +118,7 @@ class PageServer:
                 n = size // PAGE
                 if not 0 < n <= nr or size != n * PAGE:
                     raise EngineError(f"page source gave {size} bytes for {nr} pages at {vaddr:#x}")
-                self.sock.sendall(PSI.pack(PS_IOV_ADD_F | PE_PRESENT << _CMD_BITS, n, vaddr, dst))
-                for view in data:
-                    self.sock.sendall(view)
+                self._send([memoryview(PSI.pack(PS_IOV_ADD_F | PE_PRESENT << _CMD_BITS, n, vaddr, dst)), *data])
                 self.source_s += t1 - t0
                 self.send_s += time.perf_counter() - t1
                 self.requests += 1
@@ -129,6 +130,17 @@ class PageServer:
             finally:
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _send(self, parts: list[memoryview]) -> None:
+        """The answer's header and pages in one sendmsg (the socket's buffer holds a whole answer), and
+        more calls only for what did not fit."""
+        while parts:
+            sent = self.sock.sendmsg(parts[:_IOV_MAX])
+            while parts and sent >= parts[0].nbytes:
+                sent -= parts[0].nbytes
+                parts.pop(0)
+            if parts and sent:
+                parts[0] = parts[0][sent:]
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

@@ -43,9 +43,10 @@ from hpcckpt.image.stream import PreparedImage
 
 _log = hlog.get("image.lazy")
 
-# Chunks kept ahead of what the daemon was given, and the most kept at all (1 MiB chunks by default).
+HOT_LIMIT = 8  # chunks read (and kept) first, out of order: where the job's small mappings lie (warm())
+# Chunks kept ahead of what the daemon was given, and the most kept at all (4 MiB chunks by default).
 PREFETCH_WINDOW = 32
-CACHE_LIMIT = 48
+CACHE_LIMIT = 48 + HOT_LIMIT
 READ_AHEAD = 4  # chunks the kernel is asked to read ahead of the prefetch
 DEMAND_WAIT = 0.05  # the most the prefetch waits for the page server's reads before its own
 
@@ -80,6 +81,7 @@ class LazyPages:
         self._stop = False
         self.error: BaseException | None = None
         self.prefetched = 0  # chunks read and checked by the prefetch
+        self._hot: list[int] = []  # chunks the restored job is likely to touch first (warm())
         self._thread: threading.Thread | None = None
 
     @property
@@ -161,8 +163,19 @@ class LazyPages:
 
     # -- prefetch ----------------------------------------------------------------
 
+    def warm(self, chunks: Iterable[int]) -> list[int]:
+        """Ask the kernel to read the first ``HOT_LIMIT`` of these chunks now, without waiting; the prefetch
+        then checks them first (:meth:`start_prefetch`), in image order. Returns the ones asked for."""
+        hot = sorted(list(dict.fromkeys(chunks))[:HOT_LIMIT])
+        for g in hot:
+            self._read_ahead(g)
+        self._hot = hot
+        return hot
+
     def start_prefetch(self, skip: Iterable[int] = ()) -> None:
-        """Read and check every chunk in image order, a window ahead; ``skip``: chunks never needed."""
+        """Read and check every chunk in image order, a window ahead; ``skip``: chunks never needed.
+
+        The chunks :meth:`warm` named come first, wherever they lie."""
         for g in skip:
             self._done[g] = True
         with self._cond:
@@ -172,6 +185,17 @@ class LazyPages:
         self._thread.start()
 
     def _prefetch(self) -> None:
+        try:
+            for g in self._hot:
+                with self._cond:
+                    if self._stop or self.error is not None:
+                        return
+                    skip = self._done[g] or g in self._cache
+                if not skip:
+                    self._load(g)
+                    self.prefetched += 1
+        except BaseException:  # recorded by _load through _fail
+            return
         g = 0
         try:
             while True:
@@ -209,6 +233,12 @@ class LazyPages:
     def chunk_index(self, name: str, offset: int) -> int:
         sec = self.sections[name]
         return sec.first + bisect.bisect_right(sec.starts, offset) - 1
+
+    def chunk_end(self, g: int) -> int:
+        """Where chunk ``g`` (global index) ends in its section."""
+        name, i = self._order[g]
+        c = self.sections[name].chunks[i]
+        return c.offset + c.raw_len
 
     def chunks_within(self, name: str, lo: int, hi: int) -> list[int]:
         """Global indexes of the chunks of ``name`` lying wholly inside bytes ``lo..hi``."""

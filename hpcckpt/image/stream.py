@@ -38,6 +38,7 @@ from hpcckpt.image.errors import CorruptImageError, UnreadableImageError
 from hpcckpt.image.fetch import ChunkAt, ChunkBuffer, read_chunk
 from hpcckpt.image.model import ImageSummary, SectionInfo
 from hpcckpt.image.parent import ChunkSource
+from hpcckpt.image.readahead import HeaderReadahead
 from hpcckpt.image.refs import ResolveParent
 from hpcckpt.image.unpack import OnVerified, unpack_deferring
 
@@ -169,7 +170,13 @@ def prepare_image(
     bulk: Callable[[SectionInfo], bool] = is_bulk,
 ) -> PreparedImage:
     """Check ``path`` (see the module docstring) and unpack all but its bulk sections into ``dest``."""
-    summary, deferred, parents = unpack_deferring(path, dest, resolve_parent, bulk, on_verified=on_verified)
+    # The walk reads every record header, one disk round trip after another from a cold cache: have the
+    # kernel fetch them all at once ahead of it (hints only; the walk still reads and checks each).
+    ahead = HeaderReadahead(path).start()
+    try:
+        summary, deferred, parents = unpack_deferring(path, dest, resolve_parent, bulk, on_verified=on_verified)
+    finally:
+        ahead.stop()
     try:
         return PreparedImage(path, dest, summary, deferred, parents)
     except OSError as exc:

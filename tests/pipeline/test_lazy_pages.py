@@ -218,3 +218,27 @@ def test_unprivileged_needs_the_sysctl(tmp_path: Path) -> None:
     assert why is not None and "userfaultfd" in why
     sysctl.write_text("1\n")
     assert lazy_unavailable(Criu("/bin/true"), euid=1000, sysctl=sysctl) is None
+
+
+def test_the_chunks_warmed_are_checked_first_wherever_they_lie(chain: Chain, tmp_path: Path) -> None:
+    from hpcckpt.image.lazy import HOT_LIMIT
+
+    chain.pack(1, None, codec="none")
+    records = chunk_records(chain.path(1), MiB)
+    off, _ = records[-1]
+    flip(chain.path(1), off + F.RECORD_HEADER.size + F.CHUNK.size + 1000)  # the last chunk of the pages
+    p = prepare_image(chain.path(1), tmp_path / "dest", chain.path)
+    done = threading.Event()
+    pages = LazyPages(p, on_failure=lambda exc: done.set())
+    try:
+        last = pages.chunk_index("pages-1.img", pages.sections["pages-1.img"].size - 1)
+        assert pages.chunk_end(last) == pages.sections["pages-1.img"].size
+        assert pages.warm(range(2 * HOT_LIMIT, -1, -1)) == list(range(HOT_LIMIT + 1, 2 * HOT_LIMIT + 1))
+        assert pages.warm([last, 0]) == [0, last]  # the first HOT_LIMIT named, in image order
+        pages.start_prefetch()
+        assert done.wait(10)
+        # In image order the bad chunk comes last: found after chunk 0 only, not after all the others.
+        assert pages.prefetched == 1 and last > 2
+    finally:
+        pages.close()
+        p.close()

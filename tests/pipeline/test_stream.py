@@ -440,3 +440,41 @@ def test_a_passing_gate_runs_once_before_the_first_answer(tmp_path: Path) -> Non
         assert fd is not None and read_all(fd) == b"x"
     criu.close()
     assert s.close() is None and order == ["gate", "inventory.img", "pstree.img"]
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_header_readahead_guesses_where_a_raw_sections_records_lie_and_nothing_for_a_compressed_one(
+        tmp_path: Path, codec: str) -> None:
+    from hpcckpt.image.model import ImageMeta
+    from hpcckpt.image.pack import pack_dir
+    from hpcckpt.image.readahead import HeaderReadahead
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "core-1.img").write_bytes(os.urandom(3000))
+    pages = os.urandom(MiB + 5000) if codec == "none" else bytes(range(256)) * ((MiB + 5000) // 256)
+    (src / "pages-1.img").write_bytes(pages)  # 17 chunks of 64 KiB, the last one short
+    (src / "pstree.img").write_bytes(b"x")
+    image = tmp_path / "i.hck"
+    with open(image, "wb") as f:
+        pack_dir(src, f, ImageMeta(ckptid=0, job_id="j", engine="criu"), codec=codec, chunk_size=64 << 10)
+    ahead = HeaderReadahead(image).start()
+    ahead.join(10)
+    data = image.read_bytes()
+    ends, off = [], F.PREAMBLE.size
+    while off < len(data):
+        rtype, _, length, _ = F.RECORD_HEADER.unpack_from(data, off)
+        if rtype == F.T_SECTION_END:
+            ends.append(off)
+        off += F.RECORD_HEADER.size + length
+    if codec == "none":
+        # The first chunk of pages-1.img shows the stride: the 16 others and its end are hinted from it.
+        assert ahead.hinted == 16 and ahead.guessed == [ends[1]]
+    else:  # compressed chunks vary in length: no guess, the walk reads the headers one after another
+        assert ahead.hinted == 0 and ahead.guessed == []
+    # Whatever it guessed, the checked walk reads the image as before.
+    p = prepare_image(image, tmp_path / "d", None)
+    try:
+        assert content(p, "pages-1.img") == pages
+    finally:
+        p.close()
