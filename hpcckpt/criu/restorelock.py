@@ -38,31 +38,34 @@ LOCK = Path("/dev/shm/hpcckpt-restore.lock")
 WAIT_S = 120.0
 
 
+def _create(path: Path) -> int:
+    """Make the lock file, 0666 despite the umask: every user's restores take it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open(path: Path) -> int | None:
     """The lock file, opened read-write; None where it cannot be used."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        # Without O_CREAT first: protected_regular refuses O_CREAT on another user's file in a sticky dir.
-        fd = os.open(path, flags)
-    except FileNotFoundError:
+    for _ in range(2):  # another restore may make it between our two tries
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
-            os.fchmod(fd, 0o666)  # despite the umask: every user's restores take it
-        except FileExistsError:
-            return _open_existing(path, flags)
+            # Without O_CREAT first: protected_regular refuses O_CREAT on another user's file in a sticky dir.
+            return _usable(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except FileNotFoundError:
+            pass
         except OSError:
             return None
-    except OSError:
-        return None
-    return _usable(fd)
-
-
-def _open_existing(path: Path, flags: int) -> int | None:
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return None
-    return _usable(fd)
+        try:
+            return _usable(_create(path))
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
 
 
 def _usable(fd: int) -> int | None:
@@ -84,13 +87,9 @@ def prepare(path: Path = LOCK) -> None:
             return
         os.unlink(path)  # a user's file, a symlink, a FIFO: gone (root may, in the sticky /dev/shm)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        os.close(_create(path))
     except FileExistsError:
-        return  # a restore made it meanwhile: it is used if it is root's or the caller's
-    try:
-        os.fchmod(fd, 0o666)
-    finally:
-        os.close(fd)
+        pass  # a restore made it meanwhile: it is used if it is root's or the caller's
 
 
 @contextmanager
