@@ -49,6 +49,8 @@ def loopback_up() -> None:
 
 def write_id_maps(uid: int, gid: int) -> None:
     """Become root of a just-created user namespace, as ``uid``/``gid`` outside (and nothing else)."""
+    # The kernel accepts an unprivileged gid_map only once setgroups(2) is denied in the namespace,
+    # so that nobody can drop a group that was denying them access.
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"), ("gid_map", f"0 {gid} 1\n")):
         fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
         try:

@@ -48,7 +48,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hpcckpt.criu.nsexec import CLONE_NEWNET, loopback_up
+from hpcckpt.criu.nsexec import CLONE_NEWNET, loopback_up, write_id_maps
 from hpcckpt.errors import EngineError, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -122,29 +122,6 @@ def namespace_flags(user_namespace: bool, network: bool = False) -> int:
     return CLONE_NEWPID | net
 
 
-def id_map_lines(uid: int, gid: int) -> tuple[str, str]:
-    """The uid_map and gid_map of a job's user namespace: 0 inside is the caller outside, nothing else."""
-    return f"0 {uid} 1\n", f"0 {gid} 1\n"
-
-
-def _write_proc_self(name: str, text: str) -> None:
-    fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _enter_user_namespace(uid: int, gid: int) -> None:
-    """In the helper, right after unshare: become root of the new namespace, as the caller outside."""
-    uid_map, gid_map = id_map_lines(uid, gid)
-    # The kernel accepts an unprivileged gid_map only once setgroups(2) is denied in the namespace,
-    # so that nobody can drop a group that was denying them access.
-    _write_proc_self("setgroups", "deny")
-    _write_proc_self("uid_map", uid_map)
-    _write_proc_self("gid_map", gid_map)
-
-
 def _wait_for_runner(gate_r: int) -> None:
     """In the job, before exec: wait for the runner's go-ahead, then die with the runner.
 
@@ -202,7 +179,7 @@ def _helper(flags: int, uid: int, gid: int, argv: Sequence[str], env: Mapping[st
             os._exit(1)
         if flags & CLONE_NEWUSER:
             try:
-                _enter_user_namespace(uid, gid)
+                write_id_maps(uid, gid)  # root of the new namespace, as the caller outside
             except OSError as exc:
                 os.write(err_w, _ERR.pack(_STAGE_IDMAP, exc.errno or errno.EINVAL))
                 os._exit(1)
