@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcckpt.catalog import Catalog, is_postgres_url, open_catalog
+from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User, resolve_catalog_url, resolve_store_root
 from hpcckpt.criu.engine import Criu
 from hpcckpt.criu.interface import CheckpointEngine
@@ -73,8 +73,8 @@ class Site:
 
     @property
     def shared_catalog(self) -> bool:
-        """One catalog for every user (PostgreSQL), rather than a SQLite file per user."""
-        return is_postgres_url(self.catalog_url) or bool(self.catalog_url)
+        """One catalog for every user (PostgreSQL), rather than a SQLite file per user: any catalog URL names one."""
+        return bool(self.catalog_url)
 
     def staging(self, environ: Mapping[str, str] | None = None, *, tmpfs: Path | None = TMPFS) -> StagingLayout:
         """Node-local staging: ``$HPCCKPT_STAGING`` or policy ``storage.staging`` on disk, and tmpfs."""

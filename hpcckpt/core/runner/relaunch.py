@@ -42,12 +42,14 @@ from hpcckpt.core.runner.session import (
     RESUME_FROM_ENV,
     SessionOptions,
     _refuse_finished,
+    context_env,
     deadline_seconds,
     interval_chooser,
     load_site,
 )
 from hpcckpt.errors import UsageError
 from hpcckpt.jobid import JobIdentity, resolve, validate_job_id
+from hpcckpt.store.site import Site
 
 _log = hlog.get("session")
 
@@ -90,12 +92,15 @@ def recorded_launch(opts: SessionOptions, job_id: str) -> dict[str, Any] | None:
 
 
 @dataclass
-class _Site:
+class _Launch:
+    """A files/api job's site, what its engine is set up with, and the catalog its lease is taken through."""
+
+    site: Site
     setup: EngineSetup
     catalog: Catalog
 
 
-def _site(opts: SessionOptions, job_id: str) -> _Site:
+def _site(opts: SessionOptions, job_id: str) -> _Launch:
     site = load_site(opts)
     pol = site.policy
     user = current_user()
@@ -105,15 +110,13 @@ def _site(opts: SessionOptions, job_id: str) -> _Site:
 
     setup = EngineSetup(job_id=job_id, policy=pol, user=user, store_root=site.store_root, catalog_url=site.catalog_url,
                         open_catalog=opener, deadline_s=deadline_seconds(pol, opts.deadline))
-    return _Site(setup, opener())
+    return _Launch(site, setup, opener())
 
 
-def _job_env(site: _Site, opts: SessionOptions, base: Mapping[str, str]) -> dict[str, str]:
+def _job_env(site: _Launch, opts: SessionOptions, base: Mapping[str, str]) -> dict[str, str]:
     """The program's environment: ``base`` and the job's context (what hpcckpt.app.jobenv reads)."""
     s = site.setup
-    env = dict(base)
-    env.update({"HPCCKPT_JOB_ID": s.job_id, "HPCCKPT_STORE": str(s.store_root),
-                "HPCCKPT_CKPT_INTERVAL": str(s.policy.interval)})
+    env = {**base, **context_env(s.job_id, site.site)}
     if s.catalog_url:
         env["HPCCKPT_CATALOG"] = s.catalog_url
     else:
@@ -123,7 +126,7 @@ def _job_env(site: _Site, opts: SessionOptions, base: Mapping[str, str]) -> dict
     return env
 
 
-def _launch(site: _Site, opts: SessionOptions, factory: EngineFactory, options: dict[str, Any],
+def _launch(site: _Launch, opts: SessionOptions, factory: EngineFactory, options: dict[str, Any],
             argv: Sequence[str], cwd: str, env: Mapping[str, str], lease_ttl: float,
             check: Any = None) -> int:
     s = site.setup

@@ -156,10 +156,7 @@ def load_environment(opts: SessionOptions, engine: CheckpointEngine | None = Non
 def disk_staging_base(env: Environment) -> Path:
     """Node-local disk staging: ``$HPCCKPT_STAGING`` or ``storage.staging`` (the layout the Slurm prolog
     makes), else a per-uid directory in ``$TMPDIR`` or /var/tmp. Jobs stage in ``BASE/USER/JOB``."""
-    configured = os.environ.get("HPCCKPT_STAGING") or env.policy.storage.staging
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("TMPDIR") or "/var/tmp") / f"hpcckpt-staging-{env.user.uid}"
+    return env.site.staging().disk or Path(os.environ.get("TMPDIR") or "/var/tmp") / f"hpcckpt-staging-{env.user.uid}"
 
 
 def interval_chooser(pol: Policy, record: dict[str, Any] | None = None) -> Callable[[list[float]], float | None]:
@@ -300,8 +297,10 @@ def _signal_queue(env: Environment, opts: SessionOptions) -> SignalQueue:
     return sq
 
 
-def _interval_for_env(pol: Policy) -> str:
-    return str(pol.interval)
+def context_env(job_id: str, site: Site) -> dict[str, str]:
+    """What the job is told of its context (hpcckpt.app.jobenv reads it, a Checkpointer in the job too)."""
+    return {"HPCCKPT_JOB_ID": job_id, "HPCCKPT_STORE": str(site.store_root),
+            "HPCCKPT_CKPT_INTERVAL": str(site.policy.interval)}
 
 
 def _announce(ident: JobIdentity) -> None:
@@ -382,9 +381,7 @@ def run_job(
                 hlog.event(_log, "runner.fresh_start", f"nothing to resume for job {source_job} ({err}); "
                            "starting the command", job_id=ident.job_id)
         _announce(ident)
-        job_env = dict(os.environ)
-        job_env.update({"HPCCKPT_JOB_ID": ident.job_id, "HPCCKPT_STORE": str(env.store_root),
-                        "HPCCKPT_CKPT_INTERVAL": _interval_for_env(env.policy)})
+        job_env = {**os.environ, **context_env(ident.job_id, env.site)}
         if restored is not None:
             meta = restored.summary.meta
             job = JobInfo(identity=ident, user=env.user, cmdline=list(meta.cmdline), cwd=meta.cwd,
