@@ -83,10 +83,14 @@ class StagingLayout:
     def job_dir(self, base: Path, user: User, job_id: str) -> Path:
         return Path(base) / user_component(user) / safe_job_component(job_id)
 
+    @property
+    def bases(self) -> list[Path]:
+        """Where staging may be on this node, tmpfs first."""
+        return [b for b in (self.tmpfs_base, self.disk) if b is not None]
+
     def candidates(self, user: User, job_id: str) -> list[Path]:
         """Every place a job's staging may be, for the epilog and the metrics to look in."""
-        bases = [b for b in (self.tmpfs_base, self.disk) if b is not None]
-        return [self.job_dir(b, user, job_id) for b in bases]
+        return [self.job_dir(b, user, job_id) for b in self.bases]
 
 
 def scratch_base(parent: Path, user: User) -> Path:

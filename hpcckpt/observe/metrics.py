@@ -32,7 +32,7 @@ from hpcckpt.catalog import Catalog
 from hpcckpt.context import User
 from hpcckpt.errors import HpcckptError
 from hpcckpt.fs import safe as fsutil
-from hpcckpt.fs.layout import DONE_MARKER, STAGE_PREFIX, TMPFS, TMPFS_SUBDIR, StagingLayout
+from hpcckpt.fs.layout import DONE_MARKER, STAGE_PREFIX, StagingLayout
 from hpcckpt.observe.jobstats import JobStats, load_jobs
 
 _log = hlog.get("metrics")
@@ -142,7 +142,7 @@ def scan_staging(bases: Iterable[Path], users: set[str] | None) -> dict[tuple[st
 
 
 def default_staging_bases(disk: Path | None) -> list[Path]:
-    return [TMPFS / TMPFS_SUBDIR, *([disk] if disk is not None else [])]
+    return StagingLayout(disk).bases
 
 
 def render(jobs: Sequence[JobStats], staging: dict[tuple[str, str], StagingUse] | None = None,
