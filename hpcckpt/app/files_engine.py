@@ -38,18 +38,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hpcckpt import log as hlog
 from hpcckpt.app import launched, shards
 from hpcckpt.app.jobenv import JobContext, job_context
 from hpcckpt.app.signals import signal_number
-from hpcckpt.catalog import open_catalog
+from hpcckpt.catalog import Catalog, open_catalog
 from hpcckpt.context import User
 from hpcckpt.core.checkpoint import CheckpointResult
 from hpcckpt.core.runner.engines import EngineSetup, Launched, Taken
 from hpcckpt.errors import DeadlineExceededError, HpcckptError, UsageError
 from hpcckpt.image import ImageMeta, pack_dir, unpack_image
+from hpcckpt.policy import Policy
 from hpcckpt.store.images import Store
 
 _log = hlog.get("app.files")
@@ -119,9 +119,9 @@ class FilesJob:
     user: User
     patterns: list[str]
     cwd: Path
-    policy: Any
+    policy: Policy
 
-    def _open(self) -> tuple[Any, Any]:
+    def _open(self) -> tuple[Store, Catalog]:
         return (Store(self.ctx.store_root, self.user),
                 open_catalog(self.ctx.catalog_url, self.ctx.store_root, self.user))
 
